@@ -1,0 +1,41 @@
+//! memconv: the host-side private<->shared memory conversion service.
+//!
+//! `abi` is the wire contract shared with the guest and is `no_std`; everything else (stores,
+//! the conversion engine, accounting) needs the `host` feature, on by default.
+//!
+//! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
+//! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
+//! (validate, convert, accept), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters
+//! and snapshot), [`service`] ([`ConversionService`], [`HostVm`]), [`ram`] (configuration).
+#![cfg_attr(not(feature = "host"), no_std)]
+
+pub mod abi;
+
+#[cfg(feature = "host")]
+pub mod bitmap;
+#[cfg(feature = "host")]
+pub mod engine;
+#[cfg(feature = "host")]
+pub mod layout;
+#[cfg(feature = "host")]
+pub mod mailbox;
+#[cfg(feature = "host")]
+pub mod ram;
+#[cfg(feature = "host")]
+pub mod service;
+#[cfg(feature = "host")]
+pub mod stats;
+#[cfg(feature = "host")]
+pub mod store;
+
+#[cfg(all(test, feature = "host"))]
+mod tests;
+
+#[cfg(feature = "host")]
+pub use ram::{Granularity, RamConfig};
+#[cfg(feature = "host")]
+pub use service::{AccessError, ConversionService, Error, HostVm, MailboxOutcome};
+#[cfg(feature = "host")]
+pub use stats::StatsSnapshot;
+#[cfg(feature = "host")]
+pub use store::StoreKind;

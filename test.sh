@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command (see README.md): formatting, lints, the host-side unit tests of
+# the guest crates, and the whole workspace test suite, which boots real KVM guests.
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo fmt --all -- --check
+(cd guest-fixtures && cargo fmt --all -- --check)
+cargo clippy --workspace --all-targets -- -D warnings
+(cd guest-fixtures && cargo test -p rt)
+cargo test --workspace

@@ -1,0 +1,5 @@
+//! The VMM binary under test: identical to `vmm`, built by this package so integration tests
+//! get its path from `CARGO_BIN_EXE_vmm-it`.
+fn main() -> std::process::ExitCode {
+    vmm::cli::main()
+}

@@ -1,0 +1,66 @@
+//! Shared helpers for the integration tests: running the VMM binary under test and checking
+//! the machine has what the tests need.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The VMM binary built with these tests.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm-it")
+}
+
+/// Fails the test with a clear message when /dev/kvm is missing: KVM tests never pass silently.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test boots a real KVM guest and /dev/kvm does not exist on this machine"
+    );
+}
+
+/// Runs `vmm ARGS...` to completion.
+pub fn vmm(args: &[&str]) -> Output {
+    Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("spawn the vmm binary")
+}
+
+/// Runs `vmm run` with the given extra arguments (KVM required).
+pub fn vmm_run(args: &[&str]) -> Output {
+    require_kvm();
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    vmm(&all)
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit status code (panics if killed by a signal: the VMM must never die that way).
+pub fn code(o: &Output) -> i32 {
+    o.status
+        .code()
+        .unwrap_or_else(|| panic!("vmm killed by a signal: {:?}\n{}", o.status, stderr(o)))
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Reads a `--stats-json` file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("stats json written");
+    serde_json::from_str(&text).expect("stats json parses")
+}

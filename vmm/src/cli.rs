@@ -1,0 +1,199 @@
+//! The command line (clap): `vmm run`, `vmm fixtures`, `vmm bench`. Errors a user can act on
+//! print one line and exit with status 2; `vmm run` otherwise exits with the guest's code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use memconv::{Granularity, StoreKind};
+
+use crate::bench;
+use crate::config::{parse_size, ExecMode, GuestSource, VmConfig};
+use crate::fixtures;
+use crate::run;
+
+/// Exit status for errors the user must fix (bad flags, missing KVM, bad guest image...).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A minimal KVM VMM for confidential-style VMs with a private<->shared memory-conversion service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest (by default the embedded `hello` fixture) and run it to its end.
+    Run(RunArgs),
+    /// List the embedded guest fixtures.
+    Fixtures,
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
+    /// natively vs in the instruction emulator.
+    Boot {
+        /// Boots to time.
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+        /// Iterations of the native compute loop (the emulated one runs 1/10000 of these).
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iters: u64,
+    },
+}
+
+/// Flags of `vmm run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// An embedded fixture name (see `vmm fixtures`) or a path to a guest ELF.
+    #[arg(long, value_name = "NAME|PATH", default_value = fixtures::DEFAULT_FIXTURE)]
+    guest: String,
+    /// Guest RAM: bytes or K/M/G suffix, a multiple of 2M.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Write the guest's serial console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+    /// Guest command line, "key=value ...".
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    cmdline: String,
+    /// Execution mode (default: native where the host allows).
+    #[arg(long, value_enum)]
+    exec: Option<ExecMode>,
+    /// Store behind private memory: memfd, hugetlb or gmem.
+    #[arg(long, value_name = "STORE", default_value = "memfd")]
+    private: StoreKind,
+    /// Store behind shared memory: memfd or hugetlb.
+    #[arg(long, value_name = "STORE", default_value = "memfd")]
+    shared: StoreKind,
+    /// Host conversion granularity: 4k or 2m.
+    #[arg(long, value_name = "4k|2m", default_value = "4k")]
+    granularity: Granularity,
+    /// Write the end-of-run statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Do not print the summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+impl RunArgs {
+    fn to_config(&self) -> Result<VmConfig, String> {
+        let guest: GuestSource = fixtures::resolve(&self.guest).map_err(|e| e.to_string())?;
+        let mem = parse_size(&self.mem).map_err(|e| format!("--mem: {e}"))?;
+        let cfg = VmConfig {
+            guest,
+            mem,
+            cpus: self.cpus,
+            serial: self.serial.clone(),
+            cmdline: self.cmdline.clone(),
+            exec: self.exec,
+            private: self.private,
+            shared: self.shared,
+            granularity: self.granularity,
+            stats_json: self.stats_json.clone(),
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+}
+
+fn cmd_run(args: &RunArgs) -> ExitCode {
+    let cfg = match args.to_config() {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(e),
+    };
+    let outcome = match run::run_vm(&cfg) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let summary = &outcome.summary;
+    if let Some(path) = &cfg.stats_json {
+        let written = serde_json::to_vec_pretty(summary)
+            .map_err(|e| e.to_string())
+            .and_then(|json| std::fs::write(path, json).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot write --stats-json {}: {e}",
+                path.display()
+            );
+        }
+    }
+    if let crate::vcpu::VmEnd::Crash {
+        cpu,
+        reason,
+        registers,
+    } = &summary.end
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "vmm: vCPU {cpu} crashed: {reason}\n{registers}"
+        );
+    }
+    if !args.quiet {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(summary.render().as_bytes());
+        let _ = out.flush();
+    }
+    ExitCode::from(outcome.exit_status())
+}
+
+fn cmd_fixtures() -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    for (name, description) in fixtures::list() {
+        let _ = writeln!(out, "{name:<12} {description}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The `vmm` entry point.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => cmd_run(&args),
+        Command::Fixtures => cmd_fixtures(),
+        Command::Bench(BenchCommand::Boot { runs, iters }) => match bench::boot(runs, iters) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}

@@ -1,0 +1,14 @@
+//! vmm: a minimal KVM VMM for confidential-style test VMs. It boots a bare-metal guest in
+//! 64-bit mode, runs its vCPUs (natively on kvm_pvm hosts), and routes the guest's
+//! private<->shared conversion requests to the `memconv` service.
+
+pub mod bench;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod fixtures;
+pub mod pvm;
+pub mod run;
+pub mod serial;
+pub mod vcpu;
+pub mod vm;

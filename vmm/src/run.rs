@@ -1,0 +1,321 @@
+//! One VM from start to end: create it, let memconv build guest RAM, load the guest, start the
+//! vCPU threads in the chosen execution mode, wait for the end, and gather the summary
+//! (exit reason, timings, exits per vCPU, memconv statistics).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memconv::abi;
+use memconv::{ConversionService, RamConfig, StatsSnapshot};
+use serde::Serialize;
+
+use crate::boot::{self, BootInfoParams};
+use crate::config::{ConfigError, VmConfig};
+use crate::fixtures::{self, FixtureError};
+use crate::pvm::{self, HostKind, PvmError};
+use crate::serial::{Console, SerialError};
+use crate::vcpu::{self, ExitCounts, VcpuControl, VcpuError, VmEnd, VmShared};
+use crate::vm::{self, KvmVm, VmError, VmHost};
+
+/// Exit status of `vmm run` when a vCPU crashed or KVM failed.
+pub const EXIT_VM_CRASHED: u8 = 70;
+/// Exit status of `vmm run` when every vCPU halted for good.
+pub const EXIT_ALL_HALTED: u8 = 71;
+
+/// Errors that stop a VM from starting; all are the user's to fix (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest not found or unreadable.
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
+    /// KVM unavailable or failing.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest RAM could not be set up (stores, huge pages, guest_memfd).
+    #[error("{0}")]
+    Memory(#[from] memconv::Error),
+    /// The guest image could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Execution mode problems.
+    #[error(transparent)]
+    Pvm(#[from] PvmError),
+    /// Serial output problems.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// vCPU control setup.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A vCPU thread could not be spawned.
+    #[error("cannot start vCPU thread {cpu}: {source}")]
+    Thread { cpu: u32, source: std::io::Error },
+    /// KVM_SET_REGS / KVM_SET_SREGS failed.
+    #[error("setting registers of vCPU {cpu} failed: {source}")]
+    Registers { cpu: u32, source: kvm_ioctls::Error },
+}
+
+/// Wall-clock milestones of a run, in milliseconds from VM creation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// VM created to first KVM_RUN.
+    pub setup_ms: f64,
+    /// VM created to the guest's first serial byte.
+    pub first_serial_byte_ms: Option<f64>,
+    /// VM created to the end.
+    pub total_ms: f64,
+}
+
+/// What `vmm run` reports when the VM ends.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    /// How the VM was started.
+    pub config: VmConfig,
+    /// `pvm` or `hardware`.
+    pub host: &'static str,
+    /// Whether guest code ran natively.
+    pub native: bool,
+    /// Why the VM ended.
+    pub end: VmEnd,
+    /// The status `vmm run` exits with.
+    pub exit_status: u8,
+    /// Timings.
+    pub timings: Timings,
+    /// Exits per vCPU.
+    pub exits: Vec<ExitCounts>,
+    /// Ports no device owns that the guest touched, with counts.
+    pub unknown_ports: std::collections::BTreeMap<u16, u64>,
+    /// Times vCPUs were paused (memslot edits).
+    pub vcpu_pauses: u64,
+    /// Bytes the guest wrote to the serial console.
+    pub serial_bytes: u64,
+    /// The conversion service's statistics.
+    pub memconv: StatsSnapshot,
+}
+
+impl RunSummary {
+    /// Total exits over all vCPUs.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().map(|e| e.total).sum()
+    }
+
+    /// A readable multi-line summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let end = match &self.end {
+            VmEnd::GuestExit { cpu, code } => format!("guest exit {code} (vCPU {cpu})"),
+            VmEnd::Crash { cpu, reason, .. } => format!("CRASH on vCPU {cpu}: {reason}"),
+            VmEnd::AllHalted => "all vCPUs halted".into(),
+            VmEnd::Stopped => "stopped by the host".into(),
+            VmEnd::HostError { cpu, error } => format!("host error on vCPU {cpu}: {error}"),
+        };
+        out.push_str(&format!(
+            "== vmm summary ==\nguest: {}  mem: {} MiB  cpus: {}  host: {}  exec: {}\n",
+            self.config.guest,
+            self.config.mem >> 20,
+            self.config.cpus,
+            self.host,
+            if self.native { "native" } else { "emulated" },
+        ));
+        out.push_str(&format!(
+            "end: {end}  status: {}\ntime: setup {:.2} ms, first serial byte {}, total {:.2} ms\n",
+            self.exit_status,
+            self.timings.setup_ms,
+            self.timings
+                .first_serial_byte_ms
+                .map_or("-".to_string(), |t| format!("{t:.2} ms")),
+            self.timings.total_ms,
+        ));
+        out.push_str("exits: cpu total io_out io_in serial doorbell unknown_port mmio hlt hypercall interrupted\n");
+        for (cpu, e) in self.exits.iter().enumerate() {
+            out.push_str(&format!(
+                "       {cpu:>3} {:>5} {:>6} {:>5} {:>6} {:>8} {:>12} {:>4} {:>3} {:>9} {:>11}\n",
+                e.total,
+                e.io_out,
+                e.io_in,
+                e.serial,
+                e.doorbell,
+                e.unknown_port,
+                e.mmio,
+                e.hlt,
+                e.hypercall,
+                e.interrupted
+            ));
+        }
+        if !self.unknown_ports.is_empty() {
+            let ports: Vec<String> = self
+                .unknown_ports
+                .iter()
+                .map(|(p, n)| format!("{p:#x}x{n}"))
+                .collect();
+            out.push_str(&format!("unknown ports: {}\n", ports.join(" ")));
+        }
+        out.push_str(&self.memconv.summary());
+        out
+    }
+}
+
+/// The result of a VM run.
+pub struct RunOutcome {
+    /// Everything measured.
+    pub summary: RunSummary,
+}
+
+impl RunOutcome {
+    /// The process exit status for this outcome.
+    pub fn exit_status(&self) -> u8 {
+        self.summary.exit_status
+    }
+}
+
+/// The exit status `vmm run` uses for an end reason.
+pub fn exit_status(end: &VmEnd) -> u8 {
+    match end {
+        VmEnd::GuestExit { code, .. } => u8::try_from(*code).unwrap_or(u8::MAX),
+        VmEnd::Crash { .. } | VmEnd::HostError { .. } => EXIT_VM_CRASHED,
+        VmEnd::AllHalted => EXIT_ALL_HALTED,
+        VmEnd::Stopped => 0,
+    }
+}
+
+/// Boots the VM described by `cfg` and runs it to its end.
+pub fn run_vm(cfg: &VmConfig) -> Result<RunOutcome, RunError> {
+    run_vm_with_console(cfg, None)
+}
+
+/// Like `run_vm`, with the serial console given by the caller (benchmarks discard output).
+pub fn run_vm_with_console(
+    cfg: &VmConfig,
+    console: Option<Console>,
+) -> Result<RunOutcome, RunError> {
+    cfg.validate()?;
+    let image = fixtures::load(&cfg.guest)?;
+    let console = match console {
+        Some(c) => c,
+        None => Console::new(cfg.serial.as_deref())?,
+    };
+    vcpu::install_kick_handler()?;
+
+    let kvm = vm::open_kvm()?;
+    let created = Instant::now();
+    let vm = KvmVm::new(kvm)?;
+    let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
+    let memconv = Arc::new(ConversionService::new(
+        RamConfig {
+            size: cfg.mem,
+            private: cfg.private,
+            shared: cfg.shared,
+            granularity: cfg.granularity,
+            cpus: cfg.cpus,
+        },
+        host.clone(),
+    )?);
+
+    let vcpus = (0..cfg.cpus)
+        .map(|cpu| vm.create_vcpu(cpu))
+        .collect::<Result<Vec<_>, _>>()?;
+    let host_kind = pvm::detect(&vcpus[0]);
+    let switch_native = pvm::wants_native_switch(host_kind, cfg.exec)?;
+    let native = host_kind == HostKind::Hardware || switch_native;
+
+    let mem = memconv.private_memory();
+    let loaded = boot::load_image(mem, &image, cfg.mem)?;
+    boot::write_page_tables(mem, cfg.mem)?;
+    let mut flags = 0;
+    if native {
+        flags |= abi::BOOT_FLAG_NATIVE;
+    }
+    if cfg.granularity == memconv::Granularity::Huge2M {
+        flags |= abi::BOOT_FLAG_HOST_2M;
+    }
+    boot::write_boot_info(
+        mem,
+        &BootInfoParams {
+            cpus: cfg.cpus,
+            ram_size: cfg.mem,
+            cmdline: &cfg.cmdline,
+            flags,
+            image: loaded,
+            devices: &[],
+            tsc_khz: vcpus[0].get_tsc_khz().unwrap_or(0),
+        },
+    )?;
+
+    for (cpu, fd) in vcpus.iter().enumerate() {
+        let cpu = cpu as u32;
+        let mut sregs = fd
+            .get_sregs()
+            .map_err(|source| RunError::Registers { cpu, source })?;
+        boot::long_mode_sregs(&mut sregs);
+        fd.set_sregs(&sregs)
+            .map_err(|source| RunError::Registers { cpu, source })?;
+        fd.set_regs(&boot::entry_regs(loaded.entry, cpu))
+            .map_err(|source| RunError::Registers { cpu, source })?;
+        if switch_native {
+            pvm::enable_native(fd, cpu)?;
+        }
+    }
+
+    let control = Arc::new(VcpuControl::new(cfg.cpus));
+    host.attach_vcpus(Arc::clone(&control));
+    let shared = Arc::new(VmShared::new(
+        Arc::clone(&memconv),
+        console,
+        Arc::clone(&control),
+        cfg.cpus,
+    ));
+    let setup_ms = ms(created.elapsed());
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (cpu, fd) in vcpus.into_iter().enumerate() {
+        let cpu = cpu as u32;
+        let shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{cpu}"))
+            .spawn(move || vcpu::run_vcpu(fd, cpu, shared))
+            .map_err(|source| {
+                control.stop();
+                RunError::Thread { cpu, source }
+            })?;
+        threads.push(handle);
+    }
+
+    let end = shared.wait_end(None).unwrap_or(VmEnd::Stopped);
+    for t in threads {
+        if t.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+    let total_ms = ms(created.elapsed());
+    shared.console.flush();
+
+    let summary = RunSummary {
+        config: cfg.clone(),
+        host: match host_kind {
+            HostKind::Pvm => "pvm",
+            HostKind::Hardware => "hardware",
+        },
+        native,
+        exit_status: exit_status(&end),
+        end,
+        timings: Timings {
+            setup_ms,
+            first_serial_byte_ms: shared
+                .console
+                .first_byte_at()
+                .map(|t| ms(t.duration_since(created))),
+            total_ms,
+        },
+        exits: shared.exit_counts(),
+        unknown_ports: shared.unknown_ports(),
+        vcpu_pauses: control.pause_count(),
+        serial_bytes: shared.console.bytes_written(),
+        memconv: memconv.stats(),
+    };
+    Ok(RunOutcome { summary })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,147 @@
+//! The 16550 serial console on COM1 (vm-superio), writing to stdout or a file, and noting when
+//! the guest's first byte arrived (for the boot benchmark).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use vm_superio::{Serial, Trigger};
+
+/// Errors of the serial console.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The --serial file could not be created.
+    #[error("cannot create serial output file {path}: {source}")]
+    Create { path: String, source: io::Error },
+}
+
+/// The guest has no interrupt controller: transmit-ready interrupts go nowhere.
+pub struct NoInterrupt;
+
+impl Trigger for NoInterrupt {
+    type E = io::Error;
+    fn trigger(&self) -> Result<(), io::Error> {
+        Ok(())
+    }
+}
+
+/// Where console bytes go, with the arrival time of the first one.
+pub struct ConsoleSink {
+    out: Box<dyn Write + Send>,
+    first_byte: OnceLock<Instant>,
+    bytes: u64,
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.first_byte.get_or_init(Instant::now);
+            self.bytes += buf.len() as u64;
+        }
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// COM1, shared by all vCPU threads.
+pub struct Console {
+    serial: Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleSink>>,
+}
+
+/// Number of I/O ports the UART decodes.
+pub const SERIAL_PORTS: u16 = 8;
+
+impl Console {
+    /// A console writing to `path`, or to stdout when `None`.
+    pub fn new(path: Option<&Path>) -> Result<Self, SerialError> {
+        let out: Box<dyn Write + Send> = match path {
+            Some(p) => Box::new(File::create(p).map_err(|source| SerialError::Create {
+                path: p.display().to_string(),
+                source,
+            })?),
+            None => Box::new(io::stdout()),
+        };
+        Ok(Self::with_writer(out))
+    }
+
+    /// A console writing to any sink (used by tests and benchmarks).
+    pub fn with_writer(out: Box<dyn Write + Send>) -> Self {
+        let sink = ConsoleSink {
+            out,
+            first_byte: OnceLock::new(),
+            bytes: 0,
+        };
+        Self {
+            serial: Mutex::new(Serial::new(NoInterrupt, sink)),
+        }
+    }
+
+    /// A guest `out` to UART register `offset`.
+    pub fn write(&self, offset: u8, value: u8) {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = serial.write(offset, value) {
+            tracing::warn!("serial write failed: {e:?}");
+        }
+    }
+
+    /// A guest `in` from UART register `offset`.
+    pub fn read(&self, offset: u8) -> u8 {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        serial.read(offset)
+    }
+
+    /// When the guest wrote its first byte, if it did.
+    pub fn first_byte_at(&self) -> Option<Instant> {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        serial.writer().first_byte.get().copied()
+    }
+
+    /// Bytes the guest has written.
+    pub fn bytes_written(&self) -> u64 {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        serial.writer().bytes
+    }
+
+    /// Flushes buffered output.
+    pub fn flush(&self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = serial.writer_mut().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_sink_and_lsr_says_ready() {
+        let buf = Shared::default();
+        let console = Console::with_writer(Box::new(buf.clone()));
+        assert!(console.first_byte_at().is_none());
+        for b in b"hi\n" {
+            console.write(0, *b);
+        }
+        assert_eq!(&*buf.0.lock().unwrap(), b"hi\n");
+        assert_eq!(console.bytes_written(), 3);
+        assert!(console.first_byte_at().is_some());
+        // Line status register: transmitter holding register empty.
+        assert_ne!(console.read(5) & 0x20, 0);
+    }
+}

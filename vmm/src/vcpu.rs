@@ -1,0 +1,608 @@
+//! vCPU threads: the per-vCPU run loop as an explicit state machine, exit dispatch (port I/O,
+//! doorbell, HLT, hypercalls, crashes), and the control that pauses, resumes and stops vCPUs
+//! by kicking them out of KVM_RUN.
+//!
+//! Kicking: SIGRTMIN to the vCPU's thread; its handler sets `kvm_run.immediate_exit`, so a
+//! kick that lands just before KVM_RUN still makes it return EINTR at once. Pausing: a pauser
+//! raises the pause flag, kicks, and waits until no vCPU is in (or about to enter) KVM_RUN. A
+//! vCPU announces "running" *before* it checks the flag (both SeqCst), so either it sees the
+//! flag and parks, or the pauser sees it running and waits for its kick-induced exit. vCPUs
+//! handling an exit (maybe blocked on memconv's lock held by the pauser) are not running, so a
+//! vCPU thread may pause the others without deadlock.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{HypercallExit, VcpuExit, VcpuFd};
+use memconv::abi;
+use memconv::{ConversionService, MailboxOutcome};
+use serde::Serialize;
+
+use crate::serial::{Console, SERIAL_PORTS};
+
+/// Errors setting up vCPU control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+}
+
+thread_local! {
+    /// This thread's vCPU `kvm_run` page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let run = KVM_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's live kvm_run mapping (cleared before the VcpuFd
+        // is dropped); a single byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the SIGRTMIN kick handler (idempotent).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), on_kick)
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => Ok(()),
+        Err(_) => Err(VcpuError::SignalHandler(vmm_sys_util::errno::Error::new(
+            libc::EINVAL,
+        ))),
+    }
+}
+
+// vCPU thread states, as seen by the pauser.
+const STATE_RUNNING: u8 = 0;
+const STATE_OUTSIDE: u8 = 1;
+const STATE_PARKED: u8 = 2;
+const STATE_HALTED: u8 = 3;
+const STATE_DONE: u8 = 4;
+
+/// Pause, resume and stop for all vCPU threads of a VM.
+pub struct VcpuControl {
+    states: Vec<AtomicU8>,
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    /// Pause depth (pausers nest), guarded with the condvar below.
+    park: Mutex<u32>,
+    wake: Condvar,
+    pauses: std::sync::atomic::AtomicU64,
+}
+
+impl VcpuControl {
+    /// Control for `cpus` vCPUs (none started yet).
+    pub fn new(cpus: u32) -> Self {
+        Self {
+            states: (0..cpus).map(|_| AtomicU8::new(STATE_OUTSIDE)).collect(),
+            threads: Mutex::new(vec![None; cpus as usize]),
+            paused: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            park: Mutex::new(0),
+            wake: Condvar::new(),
+            pauses: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn kick(&self, cpu: usize) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(tid)) = threads.get(cpu) {
+            // SAFETY: tid names a vCPU thread that is not joined before the VM ends.
+            unsafe { libc::pthread_kill(*tid, vmm_sys_util::signal::SIGRTMIN()) };
+        }
+    }
+
+    /// Returns once no vCPU runs guest code; they stay out until `resume`. Nests.
+    pub fn pause(&self) {
+        {
+            let mut depth = self.park.lock().unwrap_or_else(|p| p.into_inner());
+            *depth += 1;
+            self.paused.store(true, Ordering::SeqCst);
+        }
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        let mut last_kick: Option<Instant> = None;
+        loop {
+            let running: Vec<usize> = self
+                .states
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.load(Ordering::SeqCst) == STATE_RUNNING)
+                .map(|(i, _)| i)
+                .collect();
+            if running.is_empty() {
+                return;
+            }
+            // Kick at once, then again every millisecond in case a thread had not yet
+            // published its kvm_run page.
+            if last_kick.is_none_or(|t| t.elapsed() > Duration::from_millis(1)) {
+                for cpu in running {
+                    self.kick(cpu);
+                }
+                last_kick = Some(Instant::now());
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Lets vCPUs run again once every pauser has resumed.
+    pub fn resume(&self) {
+        let mut depth = self.park.lock().unwrap_or_else(|p| p.into_inner());
+        *depth = depth.saturating_sub(1);
+        if *depth == 0 {
+            self.paused.store(false, Ordering::SeqCst);
+            self.wake.notify_all();
+        }
+    }
+
+    /// Whether vCPUs are held paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Number of pause operations so far.
+    pub fn pause_count(&self) -> u64 {
+        self.pauses.load(Ordering::Relaxed)
+    }
+
+    /// Makes every vCPU thread leave its loop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.park.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_all();
+        }
+        for cpu in 0..self.states.len() {
+            if self.states[cpu].load(Ordering::SeqCst) == STATE_RUNNING {
+                self.kick(cpu);
+            }
+        }
+    }
+
+    /// Whether the VM is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn set_state(&self, cpu: u32, state: u8) {
+        self.states[cpu as usize].store(state, Ordering::SeqCst);
+    }
+
+    fn all_halted_or_done(&self) -> bool {
+        self.states.iter().all(|s| {
+            let s = s.load(Ordering::SeqCst);
+            s == STATE_HALTED || s == STATE_DONE
+        })
+    }
+
+    /// Blocks a vCPU thread while paused; returns false if the VM is stopping.
+    fn park_while_paused(&self, cpu: u32) -> bool {
+        let mut depth = self.park.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_state(cpu, STATE_PARKED);
+        while *depth > 0 && !self.stopping() {
+            depth = self.wake.wait(depth).unwrap_or_else(|p| p.into_inner());
+        }
+        !self.stopping()
+    }
+
+    /// Blocks a halted vCPU until the VM stops (nothing can wake it: there are no interrupts).
+    fn wait_halted(&self, cpu: u32) {
+        let mut depth = self.park.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_state(cpu, STATE_HALTED);
+        while !self.stopping() {
+            depth = self.wake.wait(depth).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Why a VM ended.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmEnd {
+    /// The guest sent EXIT.
+    GuestExit { cpu: u32, code: u64 },
+    /// A vCPU crashed: triple fault, emulation failure, failed entry.
+    Crash {
+        cpu: u32,
+        reason: String,
+        registers: String,
+    },
+    /// Every vCPU halted with interrupts unavailable: nothing can ever run again.
+    AllHalted,
+    /// The host asked the VM to stop.
+    Stopped,
+    /// KVM_RUN failed.
+    HostError { cpu: u32, error: String },
+}
+
+/// Per-vCPU exit counts by reason.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ExitCounts {
+    /// All exits out of KVM_RUN, kicks included.
+    pub total: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// Port reads.
+    pub io_in: u64,
+    /// Serial console accesses (part of io_out/io_in).
+    pub serial: u64,
+    /// Doorbell rings (part of io_out).
+    pub doorbell: u64,
+    /// Accesses to ports no device owns (part of io_out/io_in).
+    pub unknown_port: u64,
+    /// MMIO reads and writes.
+    pub mmio: u64,
+    /// MMIO accesses no device owns.
+    pub unknown_mmio: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// KVM_EXIT_HYPERCALL exits.
+    pub hypercall: u64,
+    /// Kicks (EINTR) and KVM_EXIT_INTR.
+    pub interrupted: u64,
+    /// Anything else.
+    pub other: u64,
+}
+
+/// Everything vCPU threads share.
+pub struct VmShared {
+    /// The conversion service.
+    pub memconv: Arc<ConversionService>,
+    /// COM1.
+    pub console: Console,
+    /// Pause/stop.
+    pub control: Arc<VcpuControl>,
+    end: Mutex<Option<VmEnd>>,
+    ended: Condvar,
+    counts: Mutex<Vec<ExitCounts>>,
+    unknown_ports: Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl VmShared {
+    /// Shared state for a VM with `cpus` vCPUs.
+    pub fn new(
+        memconv: Arc<ConversionService>,
+        console: Console,
+        control: Arc<VcpuControl>,
+        cpus: u32,
+    ) -> Self {
+        Self {
+            memconv,
+            console,
+            control,
+            end: Mutex::new(None),
+            ended: Condvar::new(),
+            counts: Mutex::new(vec![ExitCounts::default(); cpus as usize]),
+            unknown_ports: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Ends the VM (the first reason wins) and stops every vCPU.
+    pub fn end(&self, why: VmEnd) {
+        {
+            let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+            if end.is_none() {
+                *end = Some(why);
+            }
+            self.ended.notify_all();
+        }
+        self.control.stop();
+    }
+
+    /// Blocks until the VM has ended, or `timeout` passes; returns the reason if ended.
+    pub fn wait_end(&self, timeout: Option<Duration>) -> Option<VmEnd> {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while end.is_none() {
+            match deadline {
+                None => end = self.ended.wait(end).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    end = self
+                        .ended
+                        .wait_timeout(end, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        end.clone()
+    }
+
+    /// A copy of every vCPU's exit counts.
+    pub fn exit_counts(&self) -> Vec<ExitCounts> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Unknown ports touched, with access counts.
+    pub fn unknown_ports(&self) -> std::collections::BTreeMap<u16, u64> {
+        self.unknown_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn note_unknown_port(&self, port: u16) {
+        let mut ports = self.unknown_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let n = ports.entry(port).or_insert(0);
+        if *n == 0 {
+            tracing::warn!("guest accessed port {port:#x}, which no device owns");
+        }
+        *n += 1;
+    }
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug)]
+enum Next {
+    /// Enter the guest again.
+    Run,
+    /// The vCPU executed HLT.
+    Halt,
+    /// The VM ends.
+    End(VmEnd),
+    /// The vCPU crashed; the loop adds the register dump.
+    Crash(String),
+}
+
+/// Maps a memconv status to the KVM_HC_MAP_GPA_RANGE return value a Linux guest expects.
+pub fn hypercall_return(status: u32) -> u64 {
+    const KVM_EINVAL: i64 = 22;
+    const KVM_ENOMEM: i64 = 12;
+    match status {
+        abi::STATUS_OK => 0,
+        abi::ERR_NO_MEMORY => (-KVM_ENOMEM) as u64,
+        _ => (-KVM_EINVAL) as u64,
+    }
+}
+
+/// The standard path: KVM_EXIT_HYPERCALL with KVM_HC_MAP_GPA_RANGE reaches the same engine as
+/// the mailbox. Other hypercalls fail with -KVM_ENOSYS. Returns whether it was a conversion.
+pub fn handle_hypercall(memconv: &ConversionService, exit: HypercallExit<'_>) -> bool {
+    const KVM_ENOSYS: i64 = 1000;
+    if exit.nr == abi::KVM_HC_MAP_GPA_RANGE {
+        let status = memconv.map_gpa_range(exit.args[0], exit.args[1], exit.args[2]);
+        *exit.ret = hypercall_return(status);
+        true
+    } else {
+        *exit.ret = (-KVM_ENOSYS) as u64;
+        false
+    }
+}
+
+fn dispatch(shared: &VmShared, cpu: u32, counts: &mut ExitCounts, exit: VcpuExit<'_>) -> Next {
+    let serial_range = abi::SERIAL_PORT..abi::SERIAL_PORT + SERIAL_PORTS;
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            counts.io_out += 1;
+            if serial_range.contains(&port) {
+                counts.serial += 1;
+                if let Some(byte) = data.first() {
+                    shared.console.write((port - abi::SERIAL_PORT) as u8, *byte);
+                }
+                Next::Run
+            } else if port == abi::DOORBELL_PORT {
+                counts.doorbell += 1;
+                match shared.memconv.service_mailbox(cpu) {
+                    MailboxOutcome::Exit(code) => Next::End(VmEnd::GuestExit { cpu, code }),
+                    _ => Next::Run,
+                }
+            } else {
+                counts.unknown_port += 1;
+                shared.note_unknown_port(port);
+                Next::Run
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            counts.io_in += 1;
+            if serial_range.contains(&port) {
+                counts.serial += 1;
+                let value = shared.console.read((port - abi::SERIAL_PORT) as u8);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = value;
+                }
+            } else {
+                counts.unknown_port += 1;
+                shared.note_unknown_port(port);
+                data.fill(0xff);
+            }
+            Next::Run
+        }
+        VcpuExit::MmioRead(_, data) => {
+            counts.mmio += 1;
+            counts.unknown_mmio += 1;
+            data.fill(0xff);
+            Next::Run
+        }
+        VcpuExit::MmioWrite(..) => {
+            counts.mmio += 1;
+            counts.unknown_mmio += 1;
+            Next::Run
+        }
+        VcpuExit::Hlt => {
+            counts.hlt += 1;
+            Next::Halt
+        }
+        VcpuExit::Hypercall(h) => {
+            counts.hypercall += 1;
+            handle_hypercall(&shared.memconv, h);
+            Next::Run
+        }
+        VcpuExit::Intr => {
+            counts.interrupted += 1;
+            Next::Run
+        }
+        VcpuExit::Shutdown => Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::InternalError => Next::Crash("KVM internal error (emulation failure)".into()),
+        VcpuExit::FailEntry(reason, hw_cpu) => Next::Crash(format!(
+            "VM entry failed: hardware reason {reason:#x} on host cpu {hw_cpu}"
+        )),
+        VcpuExit::SystemEvent(kind, _) => Next::Crash(format!("system event {kind}")),
+        other => {
+            counts.other += 1;
+            Next::Crash(format!("unhandled exit {other:?}"))
+        }
+    }
+}
+
+/// Formats the registers of a crashed vCPU.
+fn register_dump(fd: &mut VcpuFd) -> String {
+    let mut out = String::new();
+    if let Ok(r) = fd.get_regs() {
+        out.push_str(&format!(
+            "rip={:#018x} rsp={:#018x} rflags={:#x}\n\
+             rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n\
+             rsi={:#018x} rdi={:#018x} rbp={:#018x}\n\
+             r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n\
+             r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15
+        ));
+    }
+    if let Ok(s) = fd.get_sregs() {
+        out.push_str(&format!(
+            "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n\
+             cs={:#x} ss={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}\n",
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.ss.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit
+        ));
+    }
+    let run = fd.get_kvm_run();
+    if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` union member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        out.push_str(&format!(
+            "internal error suberror={} data={:x?}\n",
+            internal.suberror,
+            &internal.data[..n]
+        ));
+    }
+    out
+}
+
+/// One vCPU thread's body: runs until the VM ends.
+pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
+    let control = Arc::clone(&shared.control);
+    let run_ptr: *mut kvm_run = fd.get_kvm_run();
+    KVM_RUN.with(|c| c.set(run_ptr));
+    {
+        let mut threads = control.threads.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: pthread_self has no preconditions.
+        threads[cpu as usize] = Some(unsafe { libc::pthread_self() });
+    }
+    let mut counts = ExitCounts::default();
+    let mut last_flush = Instant::now();
+    loop {
+        if control.stopping() {
+            break;
+        }
+        control.set_state(cpu, STATE_RUNNING);
+        if control.is_paused() {
+            if !control.park_while_paused(cpu) {
+                break;
+            }
+            continue;
+        }
+        if control.stopping() {
+            break;
+        }
+        let result = fd.run();
+        control.set_state(cpu, STATE_OUTSIDE);
+        counts.total += 1;
+        let next = match result {
+            Ok(exit) => dispatch(&shared, cpu, &mut counts, exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                counts.interrupted += 1;
+                Next::Run
+            }
+            Err(e) => Next::End(VmEnd::HostError {
+                cpu,
+                error: format!("KVM_RUN failed: {e}"),
+            }),
+        };
+        match next {
+            Next::Run => {}
+            Next::Halt => {
+                control.set_state(cpu, STATE_HALTED);
+                if control.all_halted_or_done() {
+                    shared.end(VmEnd::AllHalted);
+                }
+                publish_counts(&shared, cpu, &counts);
+                control.wait_halted(cpu);
+                break;
+            }
+            Next::End(why) => {
+                publish_counts(&shared, cpu, &counts);
+                shared.end(why);
+                break;
+            }
+            Next::Crash(reason) => {
+                let registers = register_dump(&mut fd);
+                tracing::debug!("vCPU {cpu}: {reason}\n{registers}");
+                publish_counts(&shared, cpu, &counts);
+                shared.end(VmEnd::Crash {
+                    cpu,
+                    reason,
+                    registers,
+                });
+                break;
+            }
+        }
+        if last_flush.elapsed() > Duration::from_millis(100) {
+            publish_counts(&shared, cpu, &counts);
+            last_flush = Instant::now();
+        }
+    }
+    publish_counts(&shared, cpu, &counts);
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    control.set_state(cpu, STATE_DONE);
+}
+
+fn publish_counts(shared: &VmShared, cpu: u32, counts: &ExitCounts) {
+    let mut all = shared.counts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(slot) = all.get_mut(cpu as usize) {
+        *slot = counts.clone();
+    }
+}
