@@ -68,6 +68,7 @@ impl KvmVm {
         if let Err(e) = fd.set_tss_address(0xfffb_d000) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e} (ignored)");
         }
+        enable_exit_hypercall(&fd);
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmError::Vcpu {
@@ -106,6 +107,29 @@ impl KvmVm {
         };
         vcpu.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
         Ok(vcpu)
+    }
+}
+
+/// KVM_CAP_EXIT_HYPERCALL (not named in kvm-bindings 0.14).
+const KVM_CAP_EXIT_HYPERCALL: u32 = 201;
+
+/// Asks KVM to deliver KVM_HC_MAP_GPA_RANGE to userspace (KVM_EXIT_HYPERCALL), the standard
+/// path, which the vCPU loop routes to the same engine as the mailbox. kvm_pvm reports the
+/// capability but never delivers the exit; the mailbox is the path that works there.
+fn enable_exit_hypercall(fd: &VmFd) {
+    let mask = 1u64 << memconv::abi::KVM_HC_MAP_GPA_RANGE;
+    let supported = fd.check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into());
+    if supported < 0 || (supported as u64) & mask == 0 {
+        tracing::debug!("KVM_CAP_EXIT_HYPERCALL does not cover KVM_HC_MAP_GPA_RANGE here");
+        return;
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_EXIT_HYPERCALL,
+        ..Default::default()
+    };
+    cap.args[0] = mask;
+    if let Err(e) = fd.enable_cap(&cap) {
+        tracing::debug!("enabling KVM_CAP_EXIT_HYPERCALL failed: {e}");
     }
 }
 

@@ -64,3 +64,44 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("stats json written");
     serde_json::from_str(&text).expect("stats json parses")
 }
+
+/// Makes sure at least `free` 2 MiB huge pages are free, raising /proc/sys/vm/nr_hugepages as
+/// root if needed (never lowering it). Fails the test with a clear message if it cannot.
+pub fn ensure_free_hugepages(free: u64) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let read = |key: &str| -> u64 {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let have = read("HugePages_Free:");
+    if have >= free {
+        return;
+    }
+    let total = read("HugePages_Total:");
+    let want = total + (free - have);
+    std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()).unwrap_or_else(|e| {
+        panic!("this test needs {free} free 2 MiB huge pages ({have} free) and could not reserve them: {e} (run as root, or `echo {want} > /proc/sys/vm/nr_hugepages`)")
+    });
+    let now = read("HugePages_Free:");
+    assert!(
+        now >= free,
+        "asked the kernel for {want} huge pages but only {now} are free; free some memory"
+    );
+}
+
+/// Parses `key=value` pairs from the guest line that starts with `prefix`.
+pub fn guest_fields(out: &str, prefix: &str) -> std::collections::HashMap<String, u64> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"));
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
