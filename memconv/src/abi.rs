@@ -319,4 +319,9 @@ pub struct PoolReport {
     pub io_requests: u64,
     /// I/O errors seen by the driver.
     pub io_errors: u64,
+    /// `POOL_FLAG_*`: what the policy claims about itself (checked by `vmm conform`).
+    pub flags: u64,
 }
+
+/// `PoolReport::flags`: the policy claims every conversion it issues is 2 MiB aligned and sized.
+pub const POOL_FLAG_CLAIMS_2M: u64 = 1 << 0;

@@ -93,6 +93,8 @@ pub struct RunSummary {
     pub serial_bytes: u64,
     /// The conversion service's statistics.
     pub memconv: StatsSnapshot,
+    /// Guest pool reports over time.
+    pub pool_timeline: Vec<vcpu::PoolSample>,
 }
 
 impl RunSummary {
@@ -312,6 +314,7 @@ pub fn run_vm_with_console(
         vcpu_pauses: control.pause_count(),
         serial_bytes: shared.console.bytes_written(),
         memconv: memconv.stats(),
+        pool_timeline: shared.pool_timeline(),
     };
     Ok(RunOutcome { summary })
 }

@@ -264,6 +264,59 @@ pub struct VmShared {
     ended: Condvar,
     counts: Mutex<Vec<ExitCounts>>,
     unknown_ports: Mutex<std::collections::BTreeMap<u16, u64>>,
+    started: Instant,
+    pool_timeline: Mutex<PoolTimeline>,
+}
+
+/// One guest pool report, as time series point.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PoolSample {
+    /// Milliseconds since the vCPUs started.
+    pub t_ms: f64,
+    /// Bytes the guest held shared.
+    pub shared_bytes: u64,
+    /// Bytes mapped by drivers.
+    pub used_bytes: u64,
+    /// Pool capacity.
+    pub capacity_bytes: u64,
+    /// Maps so far.
+    pub maps: u64,
+    /// Failed maps so far.
+    pub map_failures: u64,
+    /// Throttle waits so far.
+    pub throttle_waits: u64,
+}
+
+/// Guest pool reports over time, bounded: when full, every other sample is dropped and the
+/// minimum spacing doubles, so a long run keeps an even-spaced history of at most `MAX` points.
+#[derive(Debug, Default)]
+pub struct PoolTimeline {
+    samples: Vec<PoolSample>,
+    spacing_ms: f64,
+}
+
+impl PoolTimeline {
+    const MAX: usize = 2048;
+
+    /// Adds a sample unless it is closer than the current spacing to the previous one.
+    pub fn push(&mut self, sample: PoolSample) {
+        if let Some(last) = self.samples.last() {
+            if sample.t_ms - last.t_ms < self.spacing_ms {
+                return;
+            }
+        }
+        if self.samples.len() >= Self::MAX {
+            let kept: Vec<PoolSample> = self.samples.iter().step_by(2).copied().collect();
+            self.samples = kept;
+            self.spacing_ms = (self.spacing_ms * 2.0).max(1.0);
+        }
+        self.samples.push(sample);
+    }
+
+    /// The samples, oldest first.
+    pub fn samples(&self) -> &[PoolSample] {
+        &self.samples
+    }
 }
 
 impl VmShared {
@@ -282,6 +335,8 @@ impl VmShared {
             ended: Condvar::new(),
             counts: Mutex::new(vec![ExitCounts::default(); cpus as usize]),
             unknown_ports: Mutex::new(Default::default()),
+            started: Instant::now(),
+            pool_timeline: Mutex::new(PoolTimeline::default()),
         }
     }
 
@@ -334,6 +389,32 @@ impl VmShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Records a guest pool report in the timeline.
+    fn note_pool_report(&self, r: &abi::PoolReport) {
+        let sample = PoolSample {
+            t_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            shared_bytes: r.shared_bytes,
+            used_bytes: r.used_bytes,
+            capacity_bytes: r.capacity_bytes,
+            maps: r.maps,
+            map_failures: r.map_failures,
+            throttle_waits: r.throttle_waits,
+        };
+        self.pool_timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sample);
+    }
+
+    /// The guest pool reports received so far, over time.
+    pub fn pool_timeline(&self) -> Vec<PoolSample> {
+        self.pool_timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .samples()
+            .to_vec()
     }
 
     fn note_unknown_port(&self, port: u16) {
@@ -399,6 +480,10 @@ fn dispatch(shared: &VmShared, cpu: u32, counts: &mut ExitCounts, exit: VcpuExit
                 counts.doorbell += 1;
                 match shared.memconv.service_mailbox(cpu) {
                     MailboxOutcome::Exit(code) => Next::End(VmEnd::GuestExit { cpu, code }),
+                    MailboxOutcome::Report(report) => {
+                        shared.note_pool_report(&report);
+                        Next::Run
+                    }
                     _ => Next::Run,
                 }
             } else {
@@ -682,6 +767,27 @@ mod tests {
         let (handled, ret) = hypercall(&svc, 9, [0; 6]);
         assert!(!handled);
         assert_eq!(ret as i64, -1000);
+    }
+
+    #[test]
+    fn pool_timeline_stays_bounded_and_ordered() {
+        let mut t = PoolTimeline::default();
+        for i in 0..10_000 {
+            t.push(PoolSample {
+                t_ms: i as f64,
+                shared_bytes: i,
+                used_bytes: 0,
+                capacity_bytes: 0,
+                maps: 0,
+                map_failures: 0,
+                throttle_waits: 0,
+            });
+        }
+        let s = t.samples();
+        assert!(s.len() <= PoolTimeline::MAX && s.len() > PoolTimeline::MAX / 4);
+        assert!(s.windows(2).all(|w| w[0].t_ms < w[1].t_ms));
+        assert_eq!(s[0].t_ms, 0.0);
+        assert!(s[s.len() - 1].t_ms > 9000.0);
     }
 
     #[test]
