@@ -315,10 +315,16 @@ pub struct StoreUsage {
     /// What the engine may have left allocated (an upper bound of the kernel figure): owned
     /// pages for a 4 KiB store, owned chunks x 2 MiB for hugetlb.
     pub engine_bound_bytes: u64,
-    /// fstat st_blocks * 512.
+    /// Bytes the kernel has allocated to the file: fstat st_blocks * 512 (guest_memfd, which
+    /// does not account st_blocks: the mincore residency).
     pub kernel_bytes: u64,
-    /// Sum of the per-page residency the kernel reports (SEEK_DATA / mincore).
+    /// "st_blocks" or "mincore".
+    pub kernel_bytes_source: &'static str,
+    /// Sum of the per-page residency the kernel reports.
     pub kernel_resident_bytes: u64,
+    /// How residency was measured: "seek_data" (shmem) or "mincore" (guest_memfd; hugetlb:
+    /// the store mapping and the view chunks mapped from it).
+    pub kernel_resident_method: &'static str,
 }
 
 /// Double allocation, computed and measured.
@@ -377,6 +383,8 @@ pub struct PoolReportSnapshot {
     pub io_requests: u64,
     /// I/O errors.
     pub io_errors: u64,
+    /// The policy claims every conversion it issues is 2 MiB aligned and sized.
+    pub claims_2m: bool,
 }
 
 impl From<&PoolReport> for PoolReportSnapshot {
@@ -411,6 +419,7 @@ impl From<&PoolReport> for PoolReportSnapshot {
             shrink_events: r.shrink_events,
             io_requests: r.io_requests,
             io_errors: r.io_errors,
+            claims_2m: r.flags & abi::POOL_FLAG_CLAIMS_2M != 0,
         }
     }
 }

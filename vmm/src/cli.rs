@@ -10,6 +10,7 @@ use memconv::{Granularity, StoreKind};
 
 use crate::bench;
 use crate::config::{parse_size, ExecMode, GuestSource, VmConfig};
+use crate::conform;
 use crate::fixtures;
 use crate::run;
 
@@ -33,6 +34,9 @@ enum Command {
     Run(RunArgs),
     /// List the embedded guest fixtures.
     Fixtures,
+    /// The conformance suite: pool policies x store pairs x granularities x workloads, each
+    /// checked against named invariants; exits non-zero if any invariant fails.
+    Conform(ConformArgs),
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -50,6 +54,45 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000_000)]
         iters: u64,
     },
+}
+
+/// Flags of `vmm conform`.
+#[derive(Args, Debug)]
+pub struct ConformArgs {
+    /// Run only a small subset (well under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Only cells whose id (policy/private-shared/granularity/workload) contains every
+    /// comma-separated term, e.g. `throttle,hugetlb-hugetlb`.
+    #[arg(long, value_name = "TERMS", value_delimiter = ',')]
+    filter: Vec<String>,
+    /// Cells run at once (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Directory for conform.json, conform.csv, the SVG charts and per-cell logs.
+    #[arg(long, value_name = "DIR", default_value = "conform-out")]
+    out: PathBuf,
+    /// The guest running the workloads: the embedded `io` fixture, or a fixture built against
+    /// the swiotlb crate's policy trait (see README).
+    #[arg(long, value_name = "NAME|PATH", default_value = "io")]
+    guest: String,
+    /// Comma-separated policies to run (a plug-in guest names its own).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "legacy,dynamic,refill,throttle,aligned-2m"
+    )]
+    policies: Vec<String>,
+    /// Guest RAM per cell.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: String,
+    /// Extra guest command line for every cell.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    cmdline: String,
+    /// Longest a cell may run, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    timeout: u64,
 }
 
 /// Flags of `vmm run`.
@@ -166,6 +209,43 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
     ExitCode::from(outcome.exit_status())
 }
 
+fn cmd_conform(args: &ConformArgs) -> ExitCode {
+    if let Err(e) = fixtures::resolve(&args.guest) {
+        return fail(e);
+    }
+    let mem = match parse_size(&args.mem) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("--mem: {e}")),
+    };
+    let opts = conform::ConformOptions {
+        quick: args.quick,
+        filters: args.filter.clone(),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        out_dir: args.out.clone(),
+        guest: args.guest.clone(),
+        policies: args.policies.clone(),
+        mem,
+        extra_cmdline: args.cmdline.clone(),
+        timeout: std::time::Duration::from_secs(args.timeout),
+    };
+    match conform::run(&opts) {
+        Ok(outcome) => {
+            print!("{}", outcome.table);
+            for f in &outcome.files {
+                println!("wrote {f}");
+            }
+            if outcome.all_passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn cmd_fixtures() -> ExitCode {
     let mut out = std::io::stdout().lock();
     for (name, description) in fixtures::list() {
@@ -188,6 +268,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => cmd_run(&args),
         Command::Fixtures => cmd_fixtures(),
+        Command::Conform(args) => cmd_conform(&args),
         Command::Bench(BenchCommand::Boot { runs, iters }) => match bench::boot(runs, iters) {
             Ok(report) => {
                 print!("{report}");

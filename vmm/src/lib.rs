@@ -6,6 +6,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod conform;
 pub mod fixtures;
 pub mod pvm;
 pub mod run;

@@ -1,0 +1,340 @@
+//! The invariants every conformance cell is checked against, each with a stable name, computed
+//! from what one `vmm run` left behind: its exit status, its `--stats-json` summary and the
+//! guest's serial output.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::matrix::Cell;
+
+/// Exit status of `vmm run` for a crashed vCPU or a KVM failure.
+const EXIT_VM_CRASHED: i32 = crate::run::EXIT_VM_CRASHED as i32;
+
+/// What one cell's run left behind.
+#[derive(Debug, Default)]
+pub struct RunData {
+    /// Process exit code (`None` if killed by a signal).
+    pub exit_code: Option<i32>,
+    /// The `--stats-json` summary, if written and parseable.
+    pub summary: Option<Value>,
+    /// The guest's serial console.
+    pub serial: String,
+    /// The VMM's stderr.
+    pub stderr: String,
+}
+
+/// One invariant's verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// Invariant name.
+    pub name: &'static str,
+    /// Whether it held.
+    pub passed: bool,
+    /// Why it failed (empty when it held).
+    pub detail: String,
+}
+
+/// Every invariant's name, in check order.
+pub const NAMES: [&str; 9] = [
+    "vmm_never_crashed",
+    "data_integrity",
+    "no_dma_violations",
+    "no_double_accept",
+    "host_guest_stats_agree",
+    "double_alloc_matches_kernel",
+    "zero_double_alloc_when_all_2m",
+    "claims_2m_honoured",
+    "throttle_blocking_maps_never_fail",
+];
+
+/// Bytes of the mailbox chunk, shared from boot and not part of any guest pool.
+const MAILBOX_CHUNK: u64 = memconv::abi::MAILBOX_AREA_END - memconv::abi::MAILBOX_BASE_GPA;
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+/// Sum of conversions the host counted, by size class.
+pub fn host_conversions(memconv: &Value, class: &str) -> u64 {
+    u(memconv, &["to_shared", class]) + u(memconv, &["to_private", class])
+}
+
+/// Sum of every `violations` counter the devices report.
+pub fn device_violations(summary: &Value) -> u64 {
+    fn walk(v: &Value, acc: &mut u64) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if k == "violations" {
+                        *acc += v.as_u64().unwrap_or(0);
+                    } else {
+                        walk(v, acc);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, acc)),
+            _ => {}
+        }
+    }
+    let mut total = 0;
+    walk(&summary["devices"], &mut total);
+    total
+}
+
+fn check(name: &'static str, result: Result<(), String>) -> Verdict {
+    match result {
+        Ok(()) => Verdict {
+            name,
+            passed: true,
+            detail: String::new(),
+        },
+        Err(detail) => Verdict {
+            name,
+            passed: false,
+            detail,
+        },
+    }
+}
+
+/// Checks every invariant for one cell.
+pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
+    let mut out = Vec::with_capacity(NAMES.len());
+    let crashed = match (run.exit_code, &run.summary) {
+        (None, _) => Err("the VMM was killed by a signal".to_string()),
+        (Some(EXIT_VM_CRASHED), _) => Err(format!(
+            "a vCPU crashed: {}",
+            run.stderr.lines().take(2).collect::<Vec<_>>().join(" / ")
+        )),
+        (Some(_), None) => Err(format!(
+            "no statistics were written: {}",
+            run.stderr.lines().next().unwrap_or("")
+        )),
+        (Some(_), Some(s)) if s["end"]["kind"] != "guest_exit" => {
+            Err(format!("the VM ended with {}", s["end"]))
+        }
+        _ => Ok(()),
+    };
+    out.push(check("vmm_never_crashed", crashed));
+    let Some(s) = &run.summary else {
+        for name in &NAMES[1..] {
+            out.push(check(name, Err("no statistics".into())));
+        }
+        return out;
+    };
+    let m = &s["memconv"];
+    let pool = &m["pool_report"];
+
+    out.push(check(
+        "data_integrity",
+        if s["end"]["code"] == 0 {
+            Ok(())
+        } else {
+            let last = run
+                .serial
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Err(format!("guest exit {}: {last}", s["end"]["code"]))
+        },
+    ));
+
+    let violations = device_violations(s);
+    out.push(check(
+        "no_dma_violations",
+        if violations == 0 {
+            Ok(())
+        } else {
+            Err(format!("{violations} DMA violations"))
+        },
+    ));
+
+    let double_accepts = u(m, &["double_accept_violations"]);
+    out.push(check(
+        "no_double_accept",
+        if double_accepts == 0 {
+            Ok(())
+        } else {
+            Err(format!("{double_accepts} double accepts"))
+        },
+    ));
+
+    let host_total: u64 = ["4k", "sub2m", "2m"]
+        .iter()
+        .map(|c| host_conversions(m, c))
+        .sum();
+    let agree = if pool.is_null() {
+        Err("the guest sent no pool report".to_string())
+    } else {
+        let guest_total = u(pool, &["conversions_4k"])
+            + u(pool, &["conversions_2m"])
+            + u(pool, &["conversions_other"]);
+        let host_shared = u(m, &["shared_store", "owned_bytes"]).saturating_sub(MAILBOX_CHUNK);
+        let guest_shared = u(pool, &["shared_bytes"]);
+        if guest_total != host_total {
+            Err(format!(
+                "guest issued {guest_total} conversions, host performed {host_total}"
+            ))
+        } else if guest_shared != host_shared {
+            Err(format!(
+                "guest holds {guest_shared} shared bytes, host's shared store owns {host_shared}"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    out.push(check("host_guest_stats_agree", agree));
+
+    let d = &m["double_alloc"];
+    out.push(check(
+        "double_alloc_matches_kernel",
+        if d["agree"] == true {
+            Ok(())
+        } else {
+            Err(format!(
+                "computed {} bytes, kernel {} bytes",
+                d["computed_bytes"], d["kernel_bytes"]
+            ))
+        },
+    ));
+
+    let small = host_conversions(m, "4k") + host_conversions(m, "sub2m");
+    out.push(check(
+        "zero_double_alloc_when_all_2m",
+        if small > 0 || u(d, &["computed_peak_bytes"]) == 0 && u(d, &["kernel_bytes"]) == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "every conversion was 2M aligned yet {} bytes were double allocated",
+                u(d, &["computed_peak_bytes"]).max(u(d, &["kernel_bytes"]))
+            ))
+        },
+    ));
+
+    let claims_2m = pool["claims_2m"] == true;
+    let requires_2m = m["rejects"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "requires_2m"))
+        .map_or(0, |r| u(r, &["count"]));
+    let guest_small = u(pool, &["conversions_4k"]) + u(pool, &["conversions_other"]);
+    out.push(check(
+        "claims_2m_honoured",
+        if !claims_2m || (small == 0 && guest_small == 0 && requires_2m == 0) {
+            Ok(())
+        } else {
+            Err(format!(
+                "policy claims 2M conversions but sent smaller ones (host saw {small}, guest counted {guest_small}, host rejected {requires_2m} as not 2M)"
+            ))
+        },
+    ));
+
+    let failures = u(pool, &["map_failures"]);
+    out.push(check(
+        "throttle_blocking_maps_never_fail",
+        if cell.policy != "throttle" || failures == 0 {
+            Ok(())
+        } else {
+            Err(format!("{failures} blocking maps failed under throttle"))
+        },
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conform::matrix::Workload;
+    use memconv::{Granularity, StoreKind};
+    use serde_json::json;
+
+    fn cell(policy: &str) -> Cell {
+        Cell {
+            policy: policy.into(),
+            private: StoreKind::Hugetlb,
+            shared: StoreKind::Hugetlb,
+            granularity: Granularity::Huge2M,
+            workload: Workload::Steady,
+        }
+    }
+
+    fn good_summary() -> Value {
+        json!({
+            "end": {"kind": "guest_exit", "code": 0},
+            "devices": {"blk": {"violations": 0}},
+            "memconv": {
+                "to_shared": {"4k": 0, "sub2m": 0, "2m": 3},
+                "to_private": {"4k": 0, "sub2m": 0, "2m": 1},
+                "double_accept_violations": 0,
+                "rejects": [{"name": "requires_2m", "count": 0}],
+                "shared_store": {"owned_bytes": MAILBOX_CHUNK + (4 << 20)},
+                "double_alloc": {"agree": true, "computed_bytes": 0, "computed_peak_bytes": 0, "kernel_bytes": 0},
+                "pool_report": {
+                    "conversions_4k": 0, "conversions_2m": 4, "conversions_other": 0,
+                    "shared_bytes": 4 << 20, "map_failures": 0, "claims_2m": true
+                }
+            }
+        })
+    }
+
+    fn failed(verdicts: &[Verdict]) -> Vec<&'static str> {
+        verdicts
+            .iter()
+            .filter(|v| !v.passed)
+            .map(|v| v.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_run_passes_everything() {
+        let run = RunData {
+            exit_code: Some(0),
+            summary: Some(good_summary()),
+            ..Default::default()
+        };
+        let v = evaluate(&cell("aligned-2m"), &run);
+        assert_eq!(v.len(), NAMES.len());
+        assert!(failed(&v).is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn a_policy_claiming_2m_that_sends_4k_is_named() {
+        let mut s = good_summary();
+        s["memconv"]["to_shared"]["4k"] = json!(5);
+        s["memconv"]["pool_report"]["conversions_4k"] = json!(5);
+        s["memconv"]["pool_report"]["conversions_2m"] = json!(4);
+        s["memconv"]["to_private"]["2m"] = json!(1);
+        s["memconv"]["to_shared"]["2m"] = json!(3);
+        let run = RunData {
+            exit_code: Some(0),
+            summary: Some(s),
+            ..Default::default()
+        };
+        assert_eq!(
+            failed(&evaluate(&cell("x"), &run)),
+            vec!["claims_2m_honoured"]
+        );
+    }
+
+    #[test]
+    fn violations_crashes_and_throttle_failures_are_named() {
+        let mut s = good_summary();
+        s["devices"]["blk"]["violations"] = json!(2);
+        s["memconv"]["pool_report"]["map_failures"] = json!(1);
+        let run = RunData {
+            exit_code: Some(0),
+            summary: Some(s),
+            ..Default::default()
+        };
+        assert_eq!(
+            failed(&evaluate(&cell("throttle"), &run)),
+            vec!["no_dma_violations", "throttle_blocking_maps_never_fail"]
+        );
+        let crashed = RunData {
+            exit_code: None,
+            ..Default::default()
+        };
+        let v = evaluate(&cell("legacy"), &crashed);
+        assert_eq!(v.len(), NAMES.len());
+        assert!(!v[0].passed);
+    }
+}

@@ -1,0 +1,196 @@
+//! The conformance matrix: which cells exist (pool policy x store pair x host granularity x
+//! workload), the `--quick` subset, `--filter`, and the guest command line of each workload.
+
+use std::fmt;
+
+use memconv::{Granularity, StoreKind};
+use serde::Serialize;
+
+/// The built-in pool policies.
+pub const POLICIES: [&str; 5] = ["legacy", "dynamic", "refill", "throttle", "aligned-2m"];
+
+/// The store pairs (private, shared) of the matrix.
+pub const STORE_PAIRS: [(StoreKind, StoreKind); 3] = [
+    (StoreKind::Memfd, StoreKind::Memfd),
+    (StoreKind::Gmem, StoreKind::Hugetlb),
+    (StoreKind::Hugetlb, StoreKind::Hugetlb),
+];
+
+/// Host granularities.
+pub const GRANULARITIES: [Granularity; 2] = [Granularity::Page4K, Granularity::Huge2M];
+
+/// A guest I/O workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Steady small packets: 512 B - 2 KiB requests at a modest queue depth.
+    Steady,
+    /// Large disk blocks: 64 KiB - 256 KiB requests.
+    Large,
+    /// Bursts that overflow a small pool.
+    Burst,
+    /// A ramp that adds I/O streams over time.
+    Ramp,
+    /// Several vCPUs issuing I/O at once.
+    Smp,
+}
+
+/// Every workload, in table order.
+pub const WORKLOADS: [Workload; 5] = [
+    Workload::Steady,
+    Workload::Large,
+    Workload::Burst,
+    Workload::Ramp,
+    Workload::Smp,
+];
+
+impl Workload {
+    /// Short name used in cell ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Steady => "steady",
+            Workload::Large => "large",
+            Workload::Burst => "burst",
+            Workload::Ramp => "ramp",
+            Workload::Smp => "smp",
+        }
+    }
+
+    /// vCPUs the workload runs with.
+    pub fn cpus(self) -> u32 {
+        match self {
+            Workload::Smp => 3,
+            _ => 2,
+        }
+    }
+
+    /// The io fixture's command line for this workload (policy options come separately).
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            Workload::Steady => "sizes=512-2k qd=8 rw=50 requests=3000",
+            Workload::Large => "sizes=64k-256k qd=4 rw=50 requests=300",
+            Workload::Burst => "sizes=4k-64k qd=32 burst=8 rw=50 requests=2000",
+            Workload::Ramp => "sizes=2k-32k qd=16 ramp=1 rw=50 requests=2000",
+            Workload::Smp => "sizes=2k-32k qd=16 rw=50 requests=1500 iocpus=2",
+        }
+    }
+}
+
+/// One cell of the matrix.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    /// Pool policy name.
+    pub policy: String,
+    /// Private store.
+    pub private: StoreKind,
+    /// Shared store.
+    pub shared: StoreKind,
+    /// Host granularity.
+    pub granularity: Granularity,
+    /// Workload.
+    pub workload: Workload,
+}
+
+impl Cell {
+    /// `policy/private-shared/granularity/workload`.
+    pub fn id(&self) -> String {
+        format!(
+            "{}/{}-{}/{}/{}",
+            self.policy,
+            self.private,
+            self.shared,
+            self.granularity,
+            self.workload.name()
+        )
+    }
+
+    /// Whether every `--filter` term occurs in the cell id.
+    pub fn matches(&self, filters: &[String]) -> bool {
+        let id = self.id();
+        filters.iter().all(|f| id.contains(f.as_str()))
+    }
+
+    /// Huge pages this cell's VM may need.
+    pub fn hugepages(&self, mem: u64) -> u64 {
+        let per_store = mem / memconv::abi::HUGE_PAGE_SIZE;
+        [self.private, self.shared]
+            .iter()
+            .filter(|s| **s == StoreKind::Hugetlb)
+            .count() as u64
+            * per_store
+    }
+}
+
+impl fmt::Display for Cell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id())
+    }
+}
+
+/// The full matrix for `policies`.
+pub fn full(policies: &[String]) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    for policy in policies {
+        for (private, shared) in STORE_PAIRS {
+            for granularity in GRANULARITIES {
+                for workload in WORKLOADS {
+                    cells.push(Cell {
+                        policy: policy.clone(),
+                        private,
+                        shared,
+                        granularity,
+                        workload,
+                    });
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// The `--quick` subset: every policy on the steady and burst workloads over memfd at 4k, and
+/// on hugetlb/hugetlb at 2m (where the 2M-aligned policy must show zero double allocation).
+pub fn quick(policies: &[String]) -> Vec<Cell> {
+    full(policies)
+        .into_iter()
+        .filter(|c| {
+            let memfd_4k = c.private == StoreKind::Memfd && c.granularity == Granularity::Page4K;
+            let huge_2m = c.private == StoreKind::Hugetlb && c.granularity == Granularity::Huge2M;
+            (memfd_4k && matches!(c.workload, Workload::Steady | Workload::Burst))
+                || (huge_2m && c.workload == Workload::Steady)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies() -> Vec<String> {
+        POLICIES.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn full_matrix_has_every_combination_once() {
+        let cells = full(&policies());
+        assert_eq!(cells.len(), 5 * 3 * 2 * 5);
+        let mut ids: Vec<String> = cells.iter().map(Cell::id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), cells.len());
+        assert!(ids.contains(&"aligned-2m/hugetlb-hugetlb/2m/burst".to_string()));
+    }
+
+    #[test]
+    fn quick_is_a_small_subset_and_filters_match_substrings() {
+        let q = quick(&policies());
+        assert_eq!(q.len(), 15);
+        let f = vec!["throttle".to_string(), "hugetlb-hugetlb".to_string()];
+        let picked: Vec<_> = full(&policies())
+            .into_iter()
+            .filter(|c| c.matches(&f))
+            .collect();
+        assert_eq!(picked.len(), 2 * 5);
+        assert!(picked.iter().all(|c| c.policy == "throttle"));
+    }
+}
