@@ -92,6 +92,7 @@ pub struct Engine {
     accepted: PageBits,
     slots: SlotTable,
     split: bool,
+    slot_limit: usize,
     host: Arc<dyn HostVm>,
     /// Counters.
     pub counters: Counters,
@@ -161,6 +162,7 @@ impl Engine {
             accepted: PageBits::new(nchunks, false),
             slots: SlotTable::default(),
             split,
+            slot_limit: MAX_MEMSLOTS as usize,
             host,
             counters: Counters::default(),
             runs: Vec::new(),
@@ -174,6 +176,11 @@ impl Engine {
         e.slots.apply(&layout, e.host.as_ref())?;
         e.layout = layout;
         Ok(e)
+    }
+
+    /// Lower the memslot limit below `MAX_MEMSLOTS` (tests, or a KVM with fewer slots).
+    pub fn set_slot_limit(&mut self, n: usize) {
+        self.slot_limit = n.min(MAX_MEMSLOTS as usize);
     }
 
     /// Host addresses of the view and the store mappings.
@@ -266,7 +273,7 @@ impl Engine {
         {
             return Err(abi::ERR_INVALID_ATTRS);
         }
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(abi::ERR_UNALIGNED);
         }
         if npages == 0 {
@@ -275,7 +282,7 @@ impl Engine {
         let len = npages.checked_mul(PAGE_SIZE).ok_or(abi::ERR_OUT_OF_RAM)?;
         let end = self.check_range(gpa, len)?;
         if self.granularity == Granularity::Huge2M
-            && (gpa % HUGE_PAGE_SIZE != 0 || len % HUGE_PAGE_SIZE != 0)
+            && (!gpa.is_multiple_of(HUGE_PAGE_SIZE) || !len.is_multiple_of(HUGE_PAGE_SIZE))
         {
             return Err(abi::ERR_REQUIRES_2M);
         }
@@ -399,7 +406,7 @@ impl Engine {
             let mut layout = std::mem::take(&mut self.layout);
             compute_layout(&self.attrs, self.bases(), true, &mut layout);
             self.layout = layout;
-            if self.layout.len() > MAX_MEMSLOTS as usize {
+            if self.layout.len() > self.slot_limit {
                 self.revert_bits(source);
                 return abi::ERR_NO_MEMORY;
             }
@@ -497,7 +504,8 @@ impl Engine {
                 if let Err(e) = store.allocate(off, HUGE_PAGE_SIZE) {
                     return Err(nomem_or_internal(&e));
                 }
-                if !self.ensured[t].get(c) {
+                if !had {
+                    // Undone on failure; a chunk that already held target pages never is.
                     self.fresh.push(c);
                 }
                 self.ensured[t].set(c, true);
@@ -603,8 +611,6 @@ impl Engine {
                 }
             }
         }
-        // Keep the view backing record in sync after undone remaps on split hosts is handled
-        // in remap_view; account.
         let changed: u64 = self.runs.iter().map(|(a, b)| b - a).sum();
         self.counters.pages_converted += changed;
         let (ph, sh) = (self.private.kind().is_huge(), self.shared.kind().is_huge());
@@ -647,7 +653,7 @@ impl Engine {
         if npages == 0 {
             return Err(abi::ERR_BAD_REQUEST);
         }
-        if gpa % HUGE_PAGE_SIZE != 0 || npages % PAGES_PER_CHUNK != 0 {
+        if !gpa.is_multiple_of(HUGE_PAGE_SIZE) || !npages.is_multiple_of(PAGES_PER_CHUNK) {
             return Err(abi::ERR_UNALIGNED);
         }
         let len = npages.checked_mul(PAGE_SIZE).ok_or(abi::ERR_OUT_OF_RAM)?;

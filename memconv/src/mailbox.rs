@@ -160,7 +160,7 @@ impl Snapshot {
 /// # Safety
 /// `ptr` must point to a writable, mapped 4096-byte page, 4-byte aligned.
 unsafe fn write_u32(ptr: *mut u8, off: usize, v: u32) {
-    if off % 4 != 0 || off + 4 > PAGE {
+    if !off.is_multiple_of(4) || off + 4 > PAGE {
         return;
     }
     // SAFETY: in bounds and aligned (checked), page writable per the caller.
@@ -170,7 +170,7 @@ unsafe fn write_u32(ptr: *mut u8, off: usize, v: u32) {
 /// Write entry `i`'s status.
 ///
 /// # Safety
-/// As [`write_u32`].
+/// `ptr` must point to a writable, mapped 4096-byte page, 4-byte aligned.
 pub unsafe fn write_entry_status(ptr: *mut u8, i: u32, status: u32) {
     let off = MAILBOX_ENTRIES_OFFSET
         + i as usize * size_of::<MailboxEntry>()
@@ -182,7 +182,7 @@ pub unsafe fn write_entry_status(ptr: *mut u8, i: u32, status: u32) {
 /// Write the header's `cur_entry` (if given) and `status`.
 ///
 /// # Safety
-/// As [`write_u32`].
+/// `ptr` must point to a writable, mapped 4096-byte page, 4-byte aligned.
 pub unsafe fn write_header(ptr: *mut u8, cur: Option<u32>, status: u32) {
     // SAFETY: per the caller.
     unsafe {

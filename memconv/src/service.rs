@@ -203,7 +203,7 @@ impl ConversionService {
     /// Create the stores, the view and the initial memslots for `cfg`.
     pub fn new(cfg: RamConfig, host: Arc<dyn HostVm>) -> Result<Self, Error> {
         let size = cfg.size;
-        if size % HUGE_PAGE_SIZE != 0 || size < abi::MIN_RAM || size > abi::MAX_RAM {
+        if !size.is_multiple_of(HUGE_PAGE_SIZE) || !(abi::MIN_RAM..=abi::MAX_RAM).contains(&size) {
             return Err(Error::BadSize { size });
         }
         if cfg.cpus == 0 || cfg.cpus > abi::MAX_CPUS {
@@ -262,6 +262,12 @@ impl ConversionService {
 
     fn lock(&self) -> MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Limit memconv to `n` memslots (at most `layout::MAX_MEMSLOTS`), e.g. when KVM reports
+    /// fewer (KVM_CAP_NR_MEMSLOTS) or the VMM needs more for itself.
+    pub fn set_memslot_limit(&self, n: usize) {
+        self.lock().set_slot_limit(n);
     }
 
     /// The configuration.
@@ -407,22 +413,35 @@ fn measure(e: &Engine, side: Side, errors: &mut Vec<String>) -> (StoreUsage, Pag
         errors.push(format!("{} fstat: {err}", side.name()));
         0
     });
-    if let Err(err) = kernel_resident(e, side, &mut resident) {
-        errors.push(format!("{} residency: {err}", side.name()));
-    }
+    let method = match kernel_resident(e, side, &mut resident) {
+        Ok(m) => m,
+        Err(err) => {
+            errors.push(format!("{} residency: {err}", side.name()));
+            "error"
+        }
+    };
+    let resident_bytes = resident.count_ones() * PAGE_SIZE;
+    // guest_memfd does not account st_blocks: its allocation is what mincore finds.
+    let (kernel_bytes, kernel_bytes_source) = if store.kind() == StoreKind::Gmem {
+        (resident_bytes, "mincore")
+    } else {
+        (kernel_bytes, "st_blocks")
+    };
     let (owned, bound) = e.side_bytes(side);
     let usage = StoreUsage {
         kind: store.kind(),
         owned_bytes: owned,
         engine_bound_bytes: bound,
         kernel_bytes,
-        kernel_resident_bytes: resident.count_ones() * PAGE_SIZE,
+        kernel_bytes_source,
+        kernel_resident_bytes: resident_bytes,
+        kernel_resident_method: method,
     };
     (usage, resident)
 }
 
 /// Kernel residency of `side`'s store, one bit per 4 KiB page.
-fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Result<()> {
+fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Result<&'static str> {
     let store = e.store(side);
     if !store.kind().is_huge() {
         return store.resident_pages(out);
@@ -432,7 +451,8 @@ fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Resul
     // allocation it makes, and only a punch frees a page, which also unmaps it everywhere).
     let nchunks = e.size() / HUGE_PAGE_SIZE;
     let mut chunks = PageBits::new(nchunks, false);
-    Store::mincore_chunks(store.base(), 0, e.size(), &mut chunks)?;
+    // SAFETY: the whole store mapping is mapped while the engine lives.
+    unsafe { Store::mincore_chunks(store.base(), 0, e.size(), &mut chunks)? };
     let want_private = side == Side::Private;
     let vp = e.view_private();
     let mut c = 0;
@@ -442,14 +462,17 @@ fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Resul
             break;
         }
         let end = vp.find(s, nchunks, !want_private);
-        // SAFETY: [s, end) chunks lie inside the view, which is mapped.
-        let addr = unsafe { e.view().base().add((s * HUGE_PAGE_SIZE) as usize) };
-        Store::mincore_chunks(
-            addr,
-            s * HUGE_PAGE_SIZE,
-            (end - s) * HUGE_PAGE_SIZE,
-            &mut chunks,
-        )?;
+        // SAFETY: chunks [s, end) lie inside the view, which stays mapped while the engine
+        // lives (the lock is held).
+        unsafe {
+            let addr = e.view().base().add((s * HUGE_PAGE_SIZE) as usize);
+            Store::mincore_chunks(
+                addr,
+                s * HUGE_PAGE_SIZE,
+                (end - s) * HUGE_PAGE_SIZE,
+                &mut chunks,
+            )?;
+        }
         c = end;
     }
     for c in 0..nchunks {
@@ -457,7 +480,7 @@ fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Resul
             out.set_range(c * PAGES_PER_CHUNK, (c + 1) * PAGES_PER_CHUNK, true);
         }
     }
-    Ok(())
+    Ok("mincore")
 }
 
 impl Drop for ConversionService {

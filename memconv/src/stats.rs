@@ -39,7 +39,7 @@ impl SizeClass {
     pub fn of(gpa: u64, npages: u64) -> SizeClass {
         if npages == 1 {
             SizeClass::Page4K
-        } else if gpa % HUGE_PAGE_SIZE == 0 && npages % PAGES_PER_CHUNK == 0 {
+        } else if gpa.is_multiple_of(HUGE_PAGE_SIZE) && npages.is_multiple_of(PAGES_PER_CHUNK) {
             SizeClass::Huge2M
         } else {
             SizeClass::Sub2M

@@ -411,14 +411,16 @@ impl Store {
     /// allocated in the file: `SEEK_DATA`/`SEEK_HOLE` where the file supports it (shmem);
     /// `mincore` on the store mapping otherwise (guest_memfd: page cache lookup). Does not
     /// handle hugetlb (see [`Store::mincore_chunks`]): SEEK_DATA does not see its holes.
-    pub fn resident_pages(&self, out: &mut PageBits) -> io::Result<()> {
+    /// Returns the method used ("seek_data" or "mincore").
+    pub fn resident_pages(&self, out: &mut PageBits) -> io::Result<&'static str> {
         match self.seek_data_pages(out) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok("seek_data"),
             Err(e)
                 if e.raw_os_error() == Some(libc::ESPIPE)
                     || e.raw_os_error() == Some(libc::EINVAL) =>
             {
-                self.mincore_pages(self.base, 0, self.size, out)
+                self.mincore_pages(self.base, 0, self.size, out)?;
+                Ok("mincore")
             }
             Err(e) => Err(e),
         }
@@ -456,7 +458,7 @@ impl Store {
 
     /// `mincore` over `[addr, addr+len)` (which maps this store at file offset `off`): marks
     /// resident 4 KiB pages into `out` at page index `off / 4K + i`.
-    pub fn mincore_pages(
+    fn mincore_pages(
         &self,
         addr: *mut u8,
         off: u64,
@@ -489,7 +491,15 @@ impl Store {
 
     /// For a hugetlb store mapped at `addr` (file offset `off`, `len` bytes, 2 MiB aligned):
     /// marks into `out` (one bit per 2 MiB chunk) the chunks whose huge page is mapped there.
-    pub fn mincore_chunks(addr: *mut u8, off: u64, len: u64, out: &mut PageBits) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` must be a mapped range (mincore only reads page tables).
+    pub unsafe fn mincore_chunks(
+        addr: *mut u8,
+        off: u64,
+        len: u64,
+        out: &mut PageBits,
+    ) -> io::Result<()> {
         let chunks = len / HUGE_PAGE_SIZE;
         let mut vec = vec![0u8; PAGES_PER_CHUNK_USIZE];
         for c in 0..chunks {
