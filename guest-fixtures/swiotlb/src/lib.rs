@@ -1,0 +1,60 @@
+//! `swiotlb`: the guest's bounce-buffer pool for DMA in a confidential-style VM, with five
+//! policies behind one kernel-shaped interface ([`Policy`]): `legacy`, `dynamic`, `refill`,
+//! `throttle` and `aligned-2m` (DESIGN.md, "Guest pool policies").
+//!
+//! `no_std` and allocation-free: the pool gets memory from the guest runtime through
+//! [`Platform`] (pages, private<->shared conversion, time, waiting, vCPU index), keeps all its
+//! metadata in private pages and hands out bounce buffers in shared memory. Every policy
+//! reports the same statistics ([`memconv::abi::PoolReport`], see [`stats`]).
+//!
+//! ```text
+//! let cfg = Config::parse("policy=throttle cpus=4 pool=16M")?;   // or Config::apply(cmdline, true)
+//! let pool = AnyPolicy::new(&cfg, &PLATFORM)?;
+//! let bounce = unsafe { pool.map(buf, len, Direction::ToDevice, /*may_block*/ true) }?;
+//! ... device DMA on [bounce, bounce + len) ...
+//! pool.unmap(bounce, len, Direction::ToDevice)?;
+//! while pool.background_work() {}                               // worker vCPU, or between requests
+//! ```
+//!
+//! Modules: [`platform`] (the environment trait), [`lock`], [`stats`], [`convert`] (checked,
+//! counted conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets
+//! of slot pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
+//! [`policy`] (the trait), [`build`] (construction by name), one module per policy, and
+//! `host` (a host-memory [`Platform`] for tests and benchmarks, feature `host`).
+#![cfg_attr(not(test), no_std)]
+
+pub mod aligned2m;
+pub mod build;
+mod coherent;
+mod common;
+pub mod config;
+pub mod convert;
+pub mod dynamic;
+pub mod legacy;
+pub mod lock;
+pub mod platform;
+pub mod policy;
+mod pools;
+pub mod refill;
+pub mod slots;
+pub mod stats;
+pub mod throttle;
+mod transient;
+
+#[cfg(any(test, feature = "host"))]
+pub mod host;
+
+#[cfg(test)]
+mod tests;
+
+pub use aligned2m::Aligned2m;
+pub use build::{AnyPolicy, BuildError};
+pub use config::{Config, ConfigError, PolicyKind};
+pub use convert::{ConvError, Converter};
+pub use dynamic::Dynamic;
+pub use legacy::Legacy;
+pub use platform::{ConvertError, Platform, Range};
+pub use policy::{Direction, MapError, MapOpts, Policy};
+pub use refill::Refill;
+pub use stats::{ExtraStats, Stats};
+pub use throttle::Throttle;
