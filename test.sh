@@ -6,5 +6,5 @@ cd "$(dirname "$0")"
 cargo fmt --all -- --check
 (cd guest-fixtures && cargo fmt --all -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
-(cd guest-fixtures && cargo test -p rt)
+(cd guest-fixtures && cargo test -p rt -p swiotlb)
 cargo test --workspace

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use memconv::{Granularity, StoreKind};
 
 use crate::bench;
-use crate::config::{parse_size, ExecMode, GuestSource, VmConfig};
+use crate::config::{parse_size, DiskConfig, ExecMode, GuestSource, VmConfig};
 use crate::conform;
 use crate::fixtures;
 use crate::run;
@@ -40,12 +40,63 @@ enum Command {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Talk to a running VM's control socket (`vmm run --api-socket PATH`). Exit status 2 when
+    /// no VMM serves PATH, 1 when the VMM refuses the command.
+    Ctl(CtlArgs),
+}
+
+/// `vmm ctl SOCKET COMMAND`.
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM's control socket.
+    #[arg(value_name = "SOCKET")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlSubcommand,
+    /// Print the raw JSON reply line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for a reply.
+    #[arg(long, value_name = "SECONDS", global = true, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlSubcommand {
+    /// Live conversion statistics, exit counts, guest pool report, uptime.
+    Stats {
+        /// Refresh every SECONDS (with rates) until the VM ends.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<f64>,
+    },
+    /// The statistics in the Prometheus text format (node_exporter textfile collector).
+    Metrics {
+        /// Add NAME=VALUE to every sample (e.g. vm=web1); repeatable.
+        #[arg(long, value_name = "NAME=VALUE")]
+        label: Vec<String>,
+    },
+    /// How the VM was started.
+    Config,
+    /// Stop running guest code (the vCPUs park; statistics stop moving).
+    Pause,
+    /// Run guest code again.
+    Resume,
+    /// End the VM cleanly (as stopped by the host: summary and --stats-json are written).
+    Shutdown,
 }
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
     /// natively vs in the instruction emulator.
+    /// The DMA device per pool policy: 4 KiB random-read IOPS at queue depth 32, 64 KiB
+    /// bandwidth next to memcpy of the same size, pool footprint, conversions, double
+    /// allocation.
+    Io {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2)]
+        secs: u64,
+    },
     Boot {
         /// Boots to time.
         #[arg(long, default_value_t = 20)]
@@ -53,6 +104,26 @@ enum BenchCommand {
         /// Iterations of the native compute loop (the emulated one runs 1/10000 of these).
         #[arg(long, default_value_t = 1_000_000_000)]
         iters: u64,
+    },
+    /// Control socket: `stats` round trip while the guest converts at full rate, and the
+    /// conversion rate with and without a client polling `stats`, in alternating phases of
+    /// one VM.
+    Api {
+        /// Alternating phase pairs (without, then with the poller).
+        #[arg(long, default_value_t = 4)]
+        pairs: u32,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 1.5)]
+        phase_secs: f64,
+        /// Milliseconds between the poller's `stats` requests.
+        #[arg(long, default_value_t = 10)]
+        poll_ms: u64,
+        /// Guest RAM.
+        #[arg(long, value_name = "SIZE", default_value = "64M")]
+        mem: String,
+        /// Extra `soak` command line (default: 4 KiB ranges, 64 per batch).
+        #[arg(long, value_name = "ARGS", default_value = "pattern=4k batch=64")]
+        cmdline: String,
     },
 }
 
@@ -128,6 +199,20 @@ pub struct RunArgs {
     /// Write the end-of-run statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Attach a virtio block device backed by this raw disk image.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Create the --disk image sparse with this size if it does not exist (K/M/G suffix, a
+    /// multiple of 512); an existing image keeps its size.
+    #[arg(long, value_name = "SIZE", requires = "disk")]
+    disk_size: Option<String>,
+    /// Microseconds the block device polls its queues without work before it sleeps and asks
+    /// the guest for a doorbell.
+    #[arg(long, value_name = "US", requires = "disk", default_value_t = crate::devices::virtio_blk::DEFAULT_IDLE_US)]
+    disk_idle_us: u64,
+    /// Serve the control socket at PATH while the VM runs (see `vmm ctl`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Do not print the summary.
     #[arg(long)]
     quiet: bool,
@@ -148,6 +233,21 @@ fn init_tracing() {
 }
 
 impl RunArgs {
+    fn disk_config(&self) -> Result<Option<DiskConfig>, String> {
+        let Some(path) = &self.disk else {
+            return Ok(None);
+        };
+        let create_size = match &self.disk_size {
+            Some(text) => Some(parse_size(text).map_err(|e| format!("--disk-size: {e}"))?),
+            None => None,
+        };
+        Ok(Some(DiskConfig {
+            path: path.clone(),
+            create_size,
+            idle_us: self.disk_idle_us,
+        }))
+    }
+
     fn to_config(&self) -> Result<VmConfig, String> {
         let guest: GuestSource = fixtures::resolve(&self.guest).map_err(|e| e.to_string())?;
         let mem = parse_size(&self.mem).map_err(|e| format!("--mem: {e}"))?;
@@ -162,6 +262,7 @@ impl RunArgs {
             shared: self.shared,
             granularity: self.granularity,
             stats_json: self.stats_json.clone(),
+            disk: self.disk_config()?,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -173,7 +274,11 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => return fail(e),
     };
-    let outcome = match run::run_vm(&cfg) {
+    let opts = run::RunOptions {
+        api_socket: args.api_socket.clone(),
+        ..Default::default()
+    };
+    let outcome = match run::run_vm_with_options(&cfg, opts) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -269,6 +374,13 @@ pub fn main() -> ExitCode {
         Command::Run(args) => cmd_run(&args),
         Command::Fixtures => cmd_fixtures(),
         Command::Conform(args) => cmd_conform(&args),
+        Command::Bench(BenchCommand::Io { secs }) => match bench::io(secs) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Command::Bench(BenchCommand::Boot { runs, iters }) => match bench::boot(runs, iters) {
             Ok(report) => {
                 print!("{report}");
@@ -276,5 +388,67 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Bench(BenchCommand::Api {
+            pairs,
+            phase_secs,
+            poll_ms,
+            mem,
+            cmdline,
+        }) => {
+            let mem = match parse_size(&mem) {
+                Ok(m) => m,
+                Err(e) => return fail(format!("--mem: {e}")),
+            };
+            let opts = crate::api::bench::ApiBenchOptions {
+                pairs,
+                phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.1, 600.0)),
+                poll: std::time::Duration::from_millis(poll_ms.max(1)),
+                mem,
+                cmdline,
+            };
+            match crate::api::bench::run(&opts) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Ctl(args) => cmd_ctl(&args),
+    }
+}
+
+fn cmd_ctl(args: &CtlArgs) -> ExitCode {
+    use crate::api::CtlCommand;
+    let command = match &args.command {
+        CtlSubcommand::Stats { watch } => CtlCommand::Stats { watch: *watch },
+        CtlSubcommand::Metrics { label } => CtlCommand::Metrics {
+            labels: label.clone(),
+        },
+        CtlSubcommand::Config => CtlCommand::Config,
+        CtlSubcommand::Pause => CtlCommand::Pause,
+        CtlSubcommand::Resume => CtlCommand::Resume,
+        CtlSubcommand::Shutdown => CtlCommand::Shutdown,
+    };
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return fail(format!(
+            "--timeout {}: expected seconds above 0",
+            args.timeout
+        ));
+    }
+    let opts = crate::api::CtlOptions {
+        socket: args.socket.clone(),
+        command,
+        json: args.json,
+        timeout: std::time::Duration::from_secs_f64(args.timeout.min(86_400.0)),
+    };
+    let mut out = std::io::stdout().lock();
+    match crate::api::ctl(&opts, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.flush();
+            let _ = writeln!(std::io::stderr(), "error: {e}");
+            ExitCode::from(e.exit_status())
+        }
     }
 }

@@ -82,12 +82,27 @@ pub struct VmConfig {
     pub granularity: Granularity,
     /// Where to write the statistics as JSON when the VM ends.
     pub stats_json: Option<PathBuf>,
+    /// The virtio block device's disk image, if any.
+    pub disk: Option<DiskConfig>,
+}
+
+/// `--disk PATH [--disk-size SIZE] [--disk-idle-us N]`: the virtio block device.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskConfig {
+    /// Raw disk image.
+    pub path: PathBuf,
+    /// Size to create the image with when it does not exist (an existing image keeps its
+    /// size).
+    pub create_size: Option<u64>,
+    /// Microseconds the device's queue poller keeps polling without work before it sleeps
+    /// (and asks the driver for a doorbell).
+    pub idle_us: u64,
 }
 
 impl VmConfig {
     /// Checks the limits the VMM and the guest contract impose.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.mem % abi::HUGE_PAGE_SIZE != 0 {
+        if !self.mem.is_multiple_of(abi::HUGE_PAGE_SIZE) {
             return Err(ConfigError::MemNotAligned(self.mem));
         }
         if self.mem < abi::MIN_RAM {
@@ -170,6 +185,7 @@ mod tests {
             shared: StoreKind::Memfd,
             granularity: Granularity::Page4K,
             stats_json: None,
+            disk: None,
         }
     }
 

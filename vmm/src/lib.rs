@@ -2,11 +2,13 @@
 //! 64-bit mode, runs its vCPUs (natively on kvm_pvm hosts), and routes the guest's
 //! private<->shared conversion requests to the `memconv` service.
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod conform;
+pub mod devices;
 pub mod fixtures;
 pub mod pvm;
 pub mod run;

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::boot::{self, BootInfoParams};
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::{BlkConfig, BlkStats, BlockDevice, Devices, DiskError};
 use crate::fixtures::{self, FixtureError};
 use crate::pvm::{self, HostKind, PvmError};
 use crate::serial::{Console, SerialError};
@@ -52,9 +53,15 @@ pub enum RunError {
     /// A vCPU thread could not be spawned.
     #[error("cannot start vCPU thread {cpu}: {source}")]
     Thread { cpu: u32, source: std::io::Error },
+    /// The disk image or the block device could not be set up.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// KVM_SET_REGS / KVM_SET_SREGS failed.
     #[error("setting registers of vCPU {cpu} failed: {source}")]
     Registers { cpu: u32, source: kvm_ioctls::Error },
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Api(#[from] crate::api::ServerError),
 }
 
 /// Wall-clock milestones of a run, in milliseconds from VM creation.
@@ -95,6 +102,8 @@ pub struct RunSummary {
     pub memconv: StatsSnapshot,
     /// Guest pool reports over time.
     pub pool_timeline: Vec<vcpu::PoolSample>,
+    /// The virtio block device's counters, when the VM had one.
+    pub disk: Option<BlkStats>,
 }
 
 impl RunSummary {
@@ -155,6 +164,25 @@ impl RunSummary {
             out.push_str(&format!("unknown ports: {}\n", ports.join(" ")));
         }
         out.push_str(&self.memconv.summary());
+        if let Some(p) = &self.memconv.pool_report {
+            out.push_str(&format!(
+                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {:.3} ms, \
+                 transient maps {}, grow {} shrink {}, io requests {} errors {}\n",
+                p.policy,
+                p.conversions_4k,
+                p.conversions_2m,
+                p.conversions_other,
+                p.throttle_wait_ns as f64 / 1e6,
+                p.transient_maps,
+                p.grow_events,
+                p.shrink_events,
+                p.io_requests,
+                p.io_errors
+            ));
+        }
+        if let Some(d) = &self.disk {
+            out.push_str(&d.render());
+        }
         out
     }
 }
@@ -192,8 +220,37 @@ pub fn run_vm_with_console(
     cfg: &VmConfig,
     console: Option<Console>,
 ) -> Result<RunOutcome, RunError> {
+    run_vm_with_options(
+        cfg,
+        RunOptions {
+            console,
+            api_socket: None,
+        },
+    )
+}
+
+/// How to run a VM, beyond its configuration.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The serial console (default: `cfg.serial` or stdout).
+    pub console: Option<Console>,
+    /// Serve the control socket at this path while the VM runs (`--api-socket`).
+    pub api_socket: Option<std::path::PathBuf>,
+}
+
+/// Like `run_vm`, with [`RunOptions`].
+pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcome, RunError> {
+    let RunOptions {
+        console,
+        api_socket,
+    } = opts;
     cfg.validate()?;
     let image = fixtures::load(&cfg.guest)?;
+    // First, so that a socket in use is reported before any work (and removed on any error).
+    let api_socket = match &api_socket {
+        Some(path) => Some(crate::api::ApiSocket::bind(path)?),
+        None => None,
+    };
     let console = match console {
         Some(c) => c,
         None => Console::new(cfg.serial.as_deref())?,
@@ -222,6 +279,23 @@ pub fn run_vm_with_console(
     let switch_native = pvm::wants_native_switch(host_kind, cfg.exec)?;
     let native = host_kind == HostKind::Hardware || switch_native;
 
+    let devices = match &cfg.disk {
+        Some(d) => {
+            let disk = crate::devices::Disk::open(&d.path, d.create_size)?;
+            let blk = BlockDevice::new(
+                disk,
+                memconv.clone(),
+                &BlkConfig {
+                    num_queues: (cfg.cpus as usize).min(crate::devices::virtio_blk::MAX_QUEUES),
+                    idle: Duration::from_micros(d.idle_us),
+                },
+            )?;
+            Devices::with_block(Arc::new(blk))
+        }
+        None => Devices::none(),
+    };
+    let device_infos = devices.infos();
+
     let mem = memconv.private_memory();
     let loaded = boot::load_image(mem, &image, cfg.mem)?;
     boot::write_page_tables(mem, cfg.mem)?;
@@ -240,7 +314,7 @@ pub fn run_vm_with_console(
             cmdline: &cfg.cmdline,
             flags,
             image: loaded,
-            devices: &[],
+            devices: &device_infos,
             tsc_khz: vcpus[0].get_tsc_khz().unwrap_or(0),
         },
     )?;
@@ -262,12 +336,20 @@ pub fn run_vm_with_console(
 
     let control = Arc::new(VcpuControl::new(cfg.cpus));
     host.attach_vcpus(Arc::clone(&control));
-    let shared = Arc::new(VmShared::new(
-        Arc::clone(&memconv),
-        console,
-        Arc::clone(&control),
-        cfg.cpus,
-    ));
+    let devices = Arc::new(devices);
+    let poller = match devices.block() {
+        Some(blk) => Some(blk.spawn_poller()?),
+        None => None,
+    };
+    let shared = Arc::new(
+        VmShared::new(
+            Arc::clone(&memconv),
+            console,
+            Arc::clone(&control),
+            cfg.cpus,
+        )
+        .with_devices(Arc::clone(&devices)),
+    );
     let setup_ms = ms(created.elapsed());
     let mut threads = Vec::with_capacity(vcpus.len());
     for (cpu, fd) in vcpus.into_iter().enumerate() {
@@ -278,12 +360,31 @@ pub fn run_vm_with_console(
             .spawn(move || vcpu::run_vcpu(fd, cpu, shared))
             .map_err(|source| {
                 control.stop();
+                if let Some(blk) = devices.block() {
+                    blk.stop();
+                }
                 RunError::Thread { cpu, source }
             })?;
         threads.push(handle);
     }
 
-    let end = shared.wait_end(None).unwrap_or(VmEnd::Stopped);
+    let end = match api_socket {
+        // The control socket's event loop runs on this thread until the VM ends.
+        Some(socket) => crate::api::serve(
+            socket,
+            crate::api::VmContext {
+                shared: Arc::clone(&shared),
+                config: cfg.clone(),
+                host: match host_kind {
+                    HostKind::Pvm => "pvm",
+                    HostKind::Hardware => "hardware",
+                },
+                native,
+                created,
+            },
+        ),
+        None => shared.wait_end(None).unwrap_or(VmEnd::Stopped),
+    };
     for t in threads {
         if t.join().is_err() {
             tracing::error!("a vCPU thread panicked");
@@ -291,6 +392,14 @@ pub fn run_vm_with_console(
     }
     let total_ms = ms(created.elapsed());
     shared.console.flush();
+    if let Some(blk) = devices.block() {
+        blk.stop();
+    }
+    if let Some(p) = poller {
+        if p.join().is_err() {
+            tracing::error!("the block device thread panicked");
+        }
+    }
 
     let summary = RunSummary {
         config: cfg.clone(),
@@ -315,6 +424,7 @@ pub fn run_vm_with_console(
         serial_bytes: shared.console.bytes_written(),
         memconv: memconv.stats(),
         pool_timeline: shared.pool_timeline(),
+        disk: devices.block().map(|b| b.stats()),
     };
     Ok(RunOutcome { summary })
 }

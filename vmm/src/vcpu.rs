@@ -21,6 +21,7 @@ use memconv::abi;
 use memconv::{ConversionService, MailboxOutcome};
 use serde::Serialize;
 
+use crate::devices::Devices;
 use crate::serial::{Console, SERIAL_PORTS};
 
 /// Errors setting up vCPU control.
@@ -183,6 +184,15 @@ impl VcpuControl {
         })
     }
 
+    /// Whether every vCPU is parked, halted or done: none runs guest code or handles an exit
+    /// (after `pause`, a vCPU still inside an exit, e.g. a conversion batch, finishes it first).
+    pub fn is_quiescent(&self) -> bool {
+        self.states.iter().all(|s| {
+            let s = s.load(Ordering::SeqCst);
+            s == STATE_PARKED || s == STATE_HALTED || s == STATE_DONE
+        })
+    }
+
     /// Blocks a vCPU thread while paused; returns false if the VM is stopping.
     fn park_while_paused(&self, cpu: u32) -> bool {
         let mut depth = self.park.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,6 +276,9 @@ pub struct VmShared {
     unknown_ports: Mutex<std::collections::BTreeMap<u16, u64>>,
     started: Instant,
     pool_timeline: Mutex<PoolTimeline>,
+    devices: Arc<Devices>,
+    /// Signalled when the VM ends (wakes the control socket's event loop).
+    end_notify: std::sync::OnceLock<vmm_sys_util::eventfd::EventFd>,
 }
 
 /// One guest pool report, as time series point.
@@ -337,7 +350,15 @@ impl VmShared {
             unknown_ports: Mutex::new(Default::default()),
             started: Instant::now(),
             pool_timeline: Mutex::new(PoolTimeline::default()),
+            devices: Arc::new(Devices::none()),
+            end_notify: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The same, with the devices of the MMIO window (MMIO exits are routed to them).
+    pub fn with_devices(mut self, devices: Arc<Devices>) -> Self {
+        self.devices = devices;
+        self
     }
 
     /// Ends the VM (the first reason wins) and stops every vCPU.
@@ -350,6 +371,17 @@ impl VmShared {
             self.ended.notify_all();
         }
         self.control.stop();
+        if let Some(fd) = self.end_notify.get() {
+            if let Err(e) = fd.write(1) {
+                tracing::warn!("cannot signal the VM's end: {e}");
+            }
+        }
+    }
+
+    /// Has `fd` written to when the VM ends (once; later calls are ignored). The VM may
+    /// already have ended: check [`VmShared::wait_end`] after installing it.
+    pub fn set_end_notifier(&self, fd: vmm_sys_util::eventfd::EventFd) {
+        let _ = self.end_notify.set(fd);
     }
 
     /// Blocks until the VM has ended, or `timeout` passes; returns the reason if ended.
@@ -508,15 +540,19 @@ fn dispatch(shared: &VmShared, cpu: u32, counts: &mut ExitCounts, exit: VcpuExit
             }
             Next::Run
         }
-        VcpuExit::MmioRead(_, data) => {
+        VcpuExit::MmioRead(addr, data) => {
             counts.mmio += 1;
-            counts.unknown_mmio += 1;
-            data.fill(0xff);
+            if !shared.devices.mmio_read(addr, data) {
+                counts.unknown_mmio += 1;
+                data.fill(0xff);
+            }
             Next::Run
         }
-        VcpuExit::MmioWrite(..) => {
+        VcpuExit::MmioWrite(addr, data) => {
             counts.mmio += 1;
-            counts.unknown_mmio += 1;
+            if !shared.devices.mmio_write(addr, data) {
+                counts.unknown_mmio += 1;
+            }
             Next::Run
         }
         VcpuExit::Hlt => {
@@ -617,7 +653,6 @@ pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
         threads[cpu as usize] = Some(unsafe { libc::pthread_self() });
     }
     let mut counts = ExitCounts::default();
-    let mut last_flush = Instant::now();
     loop {
         if control.stopping() {
             break;
@@ -675,10 +710,9 @@ pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
                 break;
             }
         }
-        if last_flush.elapsed() > Duration::from_millis(100) {
-            publish_counts(&shared, cpu, &counts);
-            last_flush = Instant::now();
-        }
+        // After every exit (an uncontended lock and a 96-byte copy, against an exit's ~10-80
+        // us): readers such as the control socket see exact counts.
+        publish_counts(&shared, cpu, &counts);
     }
     publish_counts(&shared, cpu, &counts);
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));

@@ -473,7 +473,10 @@ mod tests {
         };
         assert_eq!(st, STATUS_OK);
         let h: MailboxHeader = unsafe { std::ptr::read(mb.cast()) };
-        assert_eq!((h.magic, h.op, h.arg), (MAILBOX_MAGIC, OP_REPORT, 160));
+        assert_eq!(
+            (h.magic, h.op, h.arg),
+            (MAILBOX_MAGIC, OP_REPORT, size_of::<PoolReport>() as u64)
+        );
         let got: PoolReport = unsafe { std::ptr::read(mb.add(MAILBOX_ENTRIES_OFFSET).cast()) };
         assert_eq!(got, r);
         let mut rung = 0;

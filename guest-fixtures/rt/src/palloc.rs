@@ -5,10 +5,21 @@
 //! page the guest has converted to shared, which the host may write, never carries allocator
 //! metadata. [`PhysAlloc`] is pure logic (host-tested); the global instance behind a spinlock is
 //! [`global`]. Chunks come first-fit from the lowest address, so freed (and, later, already
-//! accepted) memory is reused first. Fresh chunks enter use only in `take_run`, the one place
-//! where lazy acceptance will hook in.
+//! accepted) memory is reused first.
+//!
+//! # Lazy acceptance
+//! Guest RAM starts unaccepted. Chunks enter use only in `take_run`, which accepts every chunk
+//! of the run that is not yet accepted, through the acceptor the runtime installs
+//! ([`PhysAlloc::set_acceptor`]: `OP_ACCEPT` in the guest, a fake in host tests), one request
+//! per contiguous unaccepted stretch. The `accepted` bitmap is the canonical record: a chunk is
+//! accepted at most once, ever (freeing keeps it accepted; it is reused first). A chunk whose
+//! acceptance fails is quarantined ("bad": never handed out) rather than retried, since its
+//! state is then unknown. Callers that accept memory themselves (the `convert` fixture's
+//! double-accept check) take never-accepted chunks with
+//! [`PhysAlloc::alloc_chunks_unaccepted`] and record their accept with
+//! [`PhysAlloc::note_accepted`].
 
-use memconv::abi::{HUGE_PAGE_SIZE, MAX_RAM, PAGES_PER_CHUNK, PAGE_SIZE};
+use memconv::abi::{HUGE_PAGE_SIZE, MAX_RAM, PAGES_PER_CHUNK, PAGE_SIZE, STATUS_OK};
 
 /// Most 2 MiB chunks of RAM (the whole of `MAX_RAM`).
 pub const MAX_CHUNKS: usize = (MAX_RAM / HUGE_PAGE_SIZE) as usize;
@@ -50,7 +61,18 @@ pub struct AllocStats {
     pub page_chunks: u64,
     /// 4 KiB pages handed out.
     pub pages_in_use: u64,
+    /// Chunks accepted (lazily, or recorded with `note_accepted`).
+    pub accepted_chunks: u64,
+    /// Accept requests sent by the allocator.
+    pub accept_calls: u64,
+    /// Accept requests the host refused (their chunks are quarantined).
+    pub accept_failures: u64,
+    /// Quarantined chunks.
+    pub bad_chunks: u64,
 }
+
+/// Accepts `npages` 4 KiB pages at `gpa` (2 MiB aligned and sized); returns an abi status.
+pub type Acceptor = fn(gpa: u64, npages: u64) -> u32;
 
 #[derive(Clone, Copy)]
 struct PageChunk {
@@ -89,8 +111,15 @@ pub struct PhysAlloc {
     slot_hint: u32,
     in_use: [u64; WORDS],
     page_chunk: [u64; WORDS],
+    /// Canonical acceptance record, one bit per chunk.
+    accepted: [u64; WORDS],
+    /// Quarantined chunks (acceptance failed): in use forever.
+    bad: [u64; WORDS],
     slots: [PageChunk; PAGE_CHUNK_SLOTS],
     pages_in_use: u64,
+    acceptor: Option<Acceptor>,
+    accept_calls: u64,
+    accept_failures: u64,
 }
 
 impl Default for PhysAlloc {
@@ -109,9 +138,26 @@ impl PhysAlloc {
             slot_hint: 0,
             in_use: [0; WORDS],
             page_chunk: [0; WORDS],
+            accepted: [0; WORDS],
+            bad: [0; WORDS],
             slots: [EMPTY_SLOT; PAGE_CHUNK_SLOTS],
             pages_in_use: 0,
+            acceptor: None,
+            accept_calls: 0,
+            accept_failures: 0,
         }
+    }
+
+    /// Accept chunks lazily through `acceptor` from now on (`None`: treat memory as accepted,
+    /// as before lazy acceptance; host tests of the plain allocator).
+    pub fn set_acceptor(&mut self, acceptor: Option<Acceptor>) {
+        self.acceptor = acceptor;
+    }
+
+    /// Whether chunk-aligned `gpa` is recorded as accepted.
+    pub fn is_accepted(&self, gpa: u64) -> bool {
+        let c = gpa / HUGE_PAGE_SIZE;
+        c < MAX_CHUNKS as u64 && Self::bit(&self.accepted, c as u32)
     }
 
     /// Manage the whole 2 MiB chunks inside `[free_start, ram_end)`, all free. Forgets any
@@ -146,8 +192,59 @@ impl PhysAlloc {
         }
     }
 
-    /// First-fit search for `n` free consecutive chunks; marks them in use.
+    /// First-fit search for `n` free consecutive chunks, accepted as needed; marks them in use.
     fn take_run(&mut self, n: u32) -> Option<u32> {
+        loop {
+            let start = self.find_run(n, false)?;
+            if self.accept_run(start, n) {
+                return Some(start);
+            }
+            // Some chunks were quarantined; the rest went back. Search again.
+        }
+    }
+
+    /// Accepts the unaccepted chunks of the in-use run `[start, start + n)`. On a refusal the
+    /// refused stretch is quarantined, the rest of the run released, and false returned.
+    fn accept_run(&mut self, start: u32, n: u32) -> bool {
+        let Some(acceptor) = self.acceptor else {
+            return true;
+        };
+        let end = start + n;
+        let mut c = start;
+        while c < end {
+            if Self::bit(&self.accepted, c) {
+                c += 1;
+                continue;
+            }
+            let mut e = c + 1;
+            while e < end && !Self::bit(&self.accepted, e) {
+                e += 1;
+            }
+            self.accept_calls += 1;
+            let status = acceptor(c as u64 * HUGE_PAGE_SIZE, (e - c) as u64 * PAGES_PER_CHUNK);
+            if status != STATUS_OK {
+                self.accept_failures += 1;
+                for b in c..e {
+                    Self::set(&mut self.bad, b, true);
+                }
+                for k in start..end {
+                    if !Self::bit(&self.bad, k) {
+                        self.release_run(k, 1);
+                    }
+                }
+                return false;
+            }
+            for a in c..e {
+                Self::set(&mut self.accepted, a, true);
+            }
+            c = e;
+        }
+        true
+    }
+
+    /// First-fit search for `n` free consecutive chunks (never accepted ones only, if
+    /// `unaccepted`); marks them in use.
+    fn find_run(&mut self, n: u32, unaccepted: bool) -> Option<u32> {
         if n == 0 {
             return None;
         }
@@ -158,7 +255,7 @@ impl PhysAlloc {
                 i += 64;
                 continue;
             }
-            if Self::bit(&self.in_use, i) {
+            if Self::bit(&self.in_use, i) || (unaccepted && Self::bit(&self.accepted, i)) {
                 run = 0;
             } else {
                 run += 1;
@@ -192,6 +289,40 @@ impl PhysAlloc {
         self.take_run(n).map(|c| c as u64 * HUGE_PAGE_SIZE)
     }
 
+    /// `n` contiguous chunks that have never been accepted, marked in use but not accepted:
+    /// the caller accepts them itself and then records it with [`PhysAlloc::note_accepted`]
+    /// (else the allocator would accept them again once they are freed and reused).
+    pub fn alloc_chunks_unaccepted(&mut self, n: usize) -> Option<u64> {
+        let n = u32::try_from(n).ok()?;
+        self.find_run(n, true).map(|c| c as u64 * HUGE_PAGE_SIZE)
+    }
+
+    /// Record that the caller accepted the `n` allocated chunks at `gpa` itself.
+    pub fn note_accepted(&mut self, gpa: u64, n: usize) -> Result<(), AllocError> {
+        let (start, end) = self.chunk_range(gpa, n)?;
+        for c in start..end {
+            if !Self::bit(&self.in_use, c) {
+                return Err(AllocError::NotAllocated);
+            }
+        }
+        for c in start..end {
+            Self::set(&mut self.accepted, c, true);
+        }
+        Ok(())
+    }
+
+    fn chunk_range(&self, gpa: u64, n: usize) -> Result<(u32, u32), AllocError> {
+        if !gpa.is_multiple_of(HUGE_PAGE_SIZE) || n == 0 {
+            return Err(AllocError::Unaligned);
+        }
+        let start = gpa / HUGE_PAGE_SIZE;
+        let end = start.checked_add(n as u64).ok_or(AllocError::OutOfRange)?;
+        if start < self.first as u64 || end > self.end as u64 {
+            return Err(AllocError::OutOfRange);
+        }
+        Ok((start as u32, end as u32))
+    }
+
     /// Return `n` chunks from [`PhysAlloc::alloc_chunks`] (any sub-run of an allocation may be
     /// freed separately). Nothing changes on error.
     pub fn free_chunks(&mut self, gpa: u64, n: usize) -> Result<(), AllocError> {
@@ -205,7 +336,10 @@ impl PhysAlloc {
         }
         let (start, end) = (start as u32, end as u32);
         for c in start..end {
-            if !Self::bit(&self.in_use, c) || Self::bit(&self.page_chunk, c) {
+            if !Self::bit(&self.in_use, c)
+                || Self::bit(&self.page_chunk, c)
+                || Self::bit(&self.bad, c)
+            {
                 return Err(AllocError::NotAllocated);
             }
         }
@@ -286,9 +420,17 @@ impl PhysAlloc {
         let mut st = AllocStats {
             total_chunks: (self.end - self.first) as u64,
             pages_in_use: self.pages_in_use,
+            accept_calls: self.accept_calls,
+            accept_failures: self.accept_failures,
             ..AllocStats::default()
         };
         for c in self.first..self.end {
+            if Self::bit(&self.accepted, c) {
+                st.accepted_chunks += 1;
+            }
+            if Self::bit(&self.bad, c) {
+                st.bad_chunks += 1;
+            }
             if !Self::bit(&self.in_use, c) {
                 st.free_chunks += 1;
             }
@@ -308,8 +450,25 @@ pub mod global {
 
     static ALLOC: SpinLock<PhysAlloc> = SpinLock::new(PhysAlloc::new());
 
-    pub(crate) fn init(free_start: u64, ram_end: u64) {
-        ALLOC.lock().init(free_start, ram_end);
+    pub(crate) fn init(free_start: u64, ram_end: u64, acceptor: Option<super::Acceptor>) {
+        let mut a = ALLOC.lock();
+        a.init(free_start, ram_end);
+        a.set_acceptor(acceptor);
+    }
+
+    /// See [`PhysAlloc::alloc_chunks_unaccepted`].
+    pub fn alloc_chunks_unaccepted(n: usize) -> Option<u64> {
+        ALLOC.lock().alloc_chunks_unaccepted(n)
+    }
+
+    /// See [`PhysAlloc::note_accepted`].
+    pub fn note_accepted(gpa: u64, n: usize) -> Result<(), AllocError> {
+        ALLOC.lock().note_accepted(gpa, n)
+    }
+
+    /// See [`PhysAlloc::is_accepted`].
+    pub fn is_accepted(gpa: u64) -> bool {
+        ALLOC.lock().is_accepted(gpa)
     }
 
     /// See [`PhysAlloc::alloc_page`].
@@ -511,5 +670,98 @@ mod tests {
             (st.free_chunks, st.page_chunks, st.pages_in_use),
             (32, 0, 0)
         );
+    }
+
+    thread_local! {
+        /// (gpa, npages) of every accept the fake acceptor saw, and GPAs it refuses.
+        static ACCEPTS: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static REFUSE: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+    }
+
+    /// A host that refuses a second accept of a unit, like memconv.
+    fn fake_accept(gpa: u64, npages: u64) -> u32 {
+        let refuse = REFUSE.with(|r| r.get());
+        ACCEPTS.with(|a| {
+            let mut a = a.borrow_mut();
+            let end = gpa + npages * PAGE_SIZE;
+            if refuse >= gpa && refuse < end {
+                return memconv::abi::ERR_NO_MEMORY;
+            }
+            if a.iter().any(|&(g, n)| g < end && gpa < g + n * PAGE_SIZE) {
+                return memconv::abi::ERR_DOUBLE_ACCEPT;
+            }
+            a.push((gpa, npages));
+            STATUS_OK
+        })
+    }
+
+    fn accepts() -> Vec<(u64, u64)> {
+        ACCEPTS.with(|a| a.borrow().clone())
+    }
+
+    #[test]
+    fn chunks_are_accepted_once_on_first_use() {
+        let mut a = new(4 * M, 64 * M);
+        a.set_acceptor(Some(fake_accept));
+        assert!(accepts().is_empty(), "nothing is accepted up front");
+        let x = a.alloc_chunks(3).unwrap();
+        assert_eq!(accepts(), [(x, 3 * PAGES_PER_CHUNK)]);
+        let p = a.alloc_page().unwrap();
+        assert_eq!(accepts().len(), 2);
+        assert_eq!(accepts()[1], (p, PAGES_PER_CHUNK));
+        // Freed chunks stay accepted and are reused without a new accept.
+        a.free_chunks(x, 3).unwrap();
+        assert_eq!(a.alloc_chunks(1), Some(x));
+        // A run that is partly accepted: only the fresh stretch is accepted.
+        a.free_page(p).unwrap();
+        let y = a.alloc_chunks(5).unwrap();
+        assert_eq!(y, x + 2 * M);
+        let last = *accepts().last().unwrap();
+        assert_eq!(last, (x + 8 * M, 2 * PAGES_PER_CHUNK));
+        assert!(a.is_accepted(y) && !a.is_accepted(60 * M));
+        let st = a.stats();
+        assert_eq!(
+            (st.accepted_chunks, st.accept_calls, st.accept_failures),
+            (6, 3, 0)
+        );
+    }
+
+    #[test]
+    fn callers_can_accept_fresh_chunks_themselves() {
+        let mut a = new(4 * M, 32 * M);
+        a.set_acceptor(Some(fake_accept));
+        let used = a.alloc_chunks(1).unwrap();
+        a.free_chunks(used, 1).unwrap();
+        // The unaccepted allocation skips the accepted (free) chunk.
+        let u = a.alloc_chunks_unaccepted(1).unwrap();
+        assert_ne!(u, used);
+        assert!(!a.is_accepted(u));
+        assert_eq!(fake_accept(u, PAGES_PER_CHUNK), STATUS_OK);
+        a.note_accepted(u, 1).unwrap();
+        a.free_chunks(u, 1).unwrap();
+        // Reusing both never accepts twice (the fake host would refuse).
+        let both = a.alloc_chunks(2);
+        assert!(both.is_some());
+        assert_eq!(a.stats().accept_failures, 0);
+        assert_eq!(a.note_accepted(30 * M, 1), Err(AllocError::NotAllocated));
+    }
+
+    #[test]
+    fn refused_accepts_quarantine_the_chunk() {
+        let mut a = new(4 * M, 16 * M);
+        a.set_acceptor(Some(fake_accept));
+        REFUSE.with(|r| r.set(4 * M));
+        // The host refuses the request for chunks 2..4 as a whole: both are quarantined.
+        let x = a.alloc_chunks(2).unwrap();
+        assert_eq!(x, 8 * M, "the refused chunks are skipped");
+        let st = a.stats();
+        assert_eq!((st.bad_chunks, st.accept_failures), (2, 1));
+        assert_eq!(a.free_chunks(4 * M, 1), Err(AllocError::NotAllocated));
+        // The rest of RAM remains usable.
+        let mut n = 0;
+        while a.alloc_chunks(1).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 6 - 2 - 2);
     }
 }

@@ -100,7 +100,7 @@ extern "C" fn rt_entry(boot_gpa: u64, cpu: u64) -> ! {
         if bootinfo::native() {
             arch::enable_sse();
         }
-        palloc::global::init(b.free_start, b.ram_size);
+        palloc::global::init(b.free_start, b.ram_size, Some(hypercall::accept_one));
         READY.store(1, Ordering::Release);
     } else {
         while READY.load(Ordering::Acquire) == 0 {

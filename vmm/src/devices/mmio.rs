@@ -226,16 +226,14 @@ impl MmioTransport {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => {
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (v as u64) << 32
-                        }
-                        _ => {}
+            reg::DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (v as u64) << 32
                     }
+                    _ => {}
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::mmio::{self, Event, MmioTransport};
 use super::DmaMemory;
@@ -117,9 +117,7 @@ pub enum DiskError {
         source: io::Error,
     },
     /// A requested size out of bounds or not a sector multiple.
-    #[error(
-        "--disk-size {0} is invalid: it must be a multiple of 512 bytes between 4K and 1T"
-    )]
+    #[error("--disk-size {0} is invalid: it must be a multiple of 512 bytes between 4K and 1T")]
     BadSize(u64),
     /// An existing image of an unusable size.
     #[error(
@@ -344,8 +342,9 @@ enum ReqFail {
 enum QueueFault {
     /// A ring is not in shared RAM.
     RingNotShared,
-    /// virtio-queue refused the ring (bad available index, memory error).
-    Ring(String),
+    /// virtio-queue refused the ring (bad available index, memory error), or a head index
+    /// out of range (logged where found).
+    Ring,
 }
 
 /// One descriptor of a chain.
@@ -681,20 +680,26 @@ impl BlockDevice {
         self.check_rings(q)?;
         heads.clear();
         {
-            let iter = q.iter(mem).map_err(|e| QueueFault::Ring(e.to_string()))?;
+            let iter = q.iter(mem).map_err(|e| {
+                tracing::debug!("virtio-blk: queue {qi}: {e}");
+                QueueFault::Ring
+            })?;
             heads.extend(iter.map(|chain| chain.head_index()));
         }
         let size = q.size();
         let desc_table = q.desc_table();
         for &head in heads.iter() {
             if head >= size {
-                return Err(QueueFault::Ring(format!("head index {head} >= size {size}")));
+                tracing::debug!("virtio-blk: queue {qi}: head index {head} >= size {size}");
+                return Err(QueueFault::Ring);
             }
             let used_len = self.process(mem, disk, segs, desc_table, size, head);
             bump(&self.counters.requests, 1);
             // The used ring was checked shared at the start of this round.
-            q.add_used(mem, head, used_len)
-                .map_err(|e| QueueFault::Ring(e.to_string()))?;
+            q.add_used(mem, head, used_len).map_err(|e| {
+                tracing::debug!("virtio-blk: queue {qi}: {e}");
+                QueueFault::Ring
+            })?;
         }
         Ok(heads.len())
     }
@@ -806,7 +811,7 @@ impl BlockDevice {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let write_to_guest = req_type == VIRTIO_BLK_T_IN;
                 if data.iter().any(|s| s.write != write_to_guest)
-                    || total % SECTOR_SIZE != 0
+                    || !total.is_multiple_of(SECTOR_SIZE)
                     || total > MAX_REQUEST_BYTES
                 {
                     return Err(ReqFail::Error);

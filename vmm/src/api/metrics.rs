@@ -1,0 +1,573 @@
+//! Prometheus text exposition (format 0.0.4) of a `stats` reply, for `vmm ctl SOCKET metrics`:
+//! suitable for node_exporter's textfile collector (`vmm ctl ... metrics > dir/vm.prom.tmp &&
+//! mv dir/vm.prom.tmp dir/vm.prom`). Every family has HELP and TYPE lines; names carry their
+//! unit (`_bytes`, `_seconds`) and counters end in `_total`. Extra constant labels (e.g.
+//! `vm="web1"`) tell several VMs apart in one collector directory.
+
+use std::fmt::Write as _;
+
+use super::protocol::StatsView;
+
+/// Errors in what the user asks to render.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A label given with `--label` is not `name=value` with a valid Prometheus label name.
+    #[error("--label {0:?}: expected NAME=VALUE with NAME matching [a-zA-Z_][a-zA-Z0-9_]* (not starting with __)")]
+    BadLabel(String),
+}
+
+/// Constant labels added to every sample.
+#[derive(Clone, Debug, Default)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    /// Parses `NAME=VALUE` items.
+    pub fn parse(items: &[String]) -> Result<Self, MetricsError> {
+        let mut out = Vec::new();
+        for item in items {
+            let Some((name, value)) = item.split_once('=') else {
+                return Err(MetricsError::BadLabel(item.clone()));
+            };
+            if !valid_label_name(name) {
+                return Err(MetricsError::BadLabel(item.clone()));
+            }
+            out.push((name.to_string(), value.to_string()));
+        }
+        Ok(Labels(out))
+    }
+}
+
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.starts_with("__")
+}
+
+/// Escapes a label value: backslash, double quote, newline.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Formats a sample value (integers without a fraction; non-finite as Prometheus spells them).
+fn value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Builds the exposition text, family by family.
+struct Writer<'a> {
+    out: String,
+    constant: &'a Labels,
+}
+
+impl Writer<'_> {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        self.out.push_str(name);
+        let all: Vec<(&str, &str)> = self
+            .constant
+            .0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(labels.iter().copied())
+            .collect();
+        if !all.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in all.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", value(v));
+    }
+
+    /// A family with one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, v: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], v);
+    }
+}
+
+/// Upper bounds (inclusive, nanoseconds) of the conversion latency histogram's buckets:
+/// memconv's log2 buckets hold values below 2^k ns, i.e. at most 2^k - 1 ns, k = 8..=34
+/// (256 ns .. ~17 s). The set is fixed so that every scrape has the same buckets.
+const LATENCY_BOUNDS_LOG2: std::ops::RangeInclusive<u32> = 8..=34;
+
+/// Renders a `stats` reply in the Prometheus text format.
+pub fn render(s: &StatsView, constant: &Labels) -> String {
+    let mut w = Writer {
+        out: String::new(),
+        constant,
+    };
+    let m = &s.memconv;
+
+    w.single(
+        "vmm_uptime_seconds",
+        "gauge",
+        "Time since the VM was created.",
+        s.uptime_ms as f64 / 1e3,
+    );
+    w.single("vmm_vcpus", "gauge", "Number of vCPUs.", f64::from(s.cpus));
+    w.family(
+        "vmm_state",
+        "gauge",
+        "VM state: 1 for the current one (running, paused or ending).",
+    );
+    for state in ["running", "paused", "ending"] {
+        let v = if s.state == state { 1.0 } else { 0.0 };
+        w.sample("vmm_state", &[("state", state)], v);
+    }
+    w.family(
+        "vmm_vcpu_exits_total",
+        "counter",
+        "vCPU exits out of KVM_RUN by reason; reason=\"total\" counts all of them, and serial, doorbell and unknown_port exits are also counted in io_out or io_in.",
+    );
+    for (cpu, exits) in s.exits.iter().enumerate() {
+        let cpu = cpu.to_string();
+        for (reason, n) in exits {
+            w.sample(
+                "vmm_vcpu_exits_total",
+                &[("cpu", &cpu), ("reason", reason)],
+                *n as f64,
+            );
+        }
+    }
+    w.single(
+        "vmm_vcpu_pauses_total",
+        "counter",
+        "Times all vCPUs were paused (memslot edits and control-socket pauses).",
+        s.vcpu_pauses as f64,
+    );
+
+    w.single(
+        "memconv_ram_bytes",
+        "gauge",
+        "Guest RAM size.",
+        m.ram_bytes as f64,
+    );
+    w.family(
+        "memconv_conversions_total",
+        "counter",
+        "Successful conversions by direction and size class (4k: one page; 2m: 2 MiB aligned multiples; sub2m: the rest).",
+    );
+    for (direction, sizes) in [("to_shared", &m.to_shared), ("to_private", &m.to_private)] {
+        for (size, n) in [("4k", sizes.k4), ("sub2m", sizes.sub2m), ("2m", sizes.m2)] {
+            w.sample(
+                "memconv_conversions_total",
+                &[("direction", direction), ("size", size)],
+                n as f64,
+            );
+        }
+    }
+    w.single(
+        "memconv_converted_pages_total",
+        "counter",
+        "4 KiB pages whose private/shared attribute changed.",
+        m.pages_converted as f64,
+    );
+    w.single(
+        "memconv_noop_pages_total",
+        "counter",
+        "4 KiB pages a conversion found already in the requested state.",
+        m.noop_pages as f64,
+    );
+    w.family(
+        "memconv_rejects_total",
+        "counter",
+        "Requests rejected, by error code.",
+    );
+    for r in &m.rejects {
+        w.sample(
+            "memconv_rejects_total",
+            &[("code", r.name.as_str())],
+            r.count as f64,
+        );
+    }
+    w.single(
+        "memconv_accept_entries_total",
+        "counter",
+        "Successful ACCEPT entries.",
+        m.accept_entries as f64,
+    );
+    w.single(
+        "memconv_accepted_units_total",
+        "counter",
+        "2 MiB units accepted.",
+        m.accepted_units as f64,
+    );
+    w.single(
+        "memconv_double_accept_violations_total",
+        "counter",
+        "Attempts to accept a 2 MiB unit twice (security violations).",
+        m.double_accept_violations as f64,
+    );
+    w.single(
+        "memconv_doorbells_total",
+        "counter",
+        "Mailbox doorbell exits serviced.",
+        m.doorbells as f64,
+    );
+    w.single(
+        "memconv_mailbox_ranges_total",
+        "counter",
+        "Ranges carried by mailbox doorbells.",
+        m.mailbox_ranges as f64,
+    );
+    w.single(
+        "memconv_bad_mailboxes_total",
+        "counter",
+        "Mailboxes rejected whole.",
+        m.bad_mailboxes as f64,
+    );
+    w.single(
+        "memconv_hypercalls_total",
+        "counter",
+        "Conversions through KVM_HC_MAP_GPA_RANGE exits.",
+        m.hypercalls as f64,
+    );
+    let stores = [("private", &m.private_store), ("shared", &m.shared_store)];
+    for (name, help, get) in [
+        (
+            "memconv_store_owned_bytes",
+            "Guest memory the attribute bitmap gives to this side.",
+            (|u: &super::protocol::StoreView| u.owned_bytes) as fn(&_) -> u64,
+        ),
+        (
+            "memconv_store_engine_bound_bytes",
+            "Upper bound of what the engine may have left allocated on this side.",
+            |u| u.engine_bound_bytes,
+        ),
+        (
+            "memconv_store_kernel_bytes",
+            "Bytes the kernel has allocated to this side's store file.",
+            |u| u.kernel_bytes,
+        ),
+        (
+            "memconv_store_kernel_resident_bytes",
+            "Bytes of this side's store the kernel reports resident.",
+            |u| u.kernel_resident_bytes,
+        ),
+    ] {
+        w.family(name, "gauge", help);
+        for (side, u) in stores {
+            w.sample(
+                name,
+                &[("side", side), ("store", u.kind.as_str())],
+                get(u) as f64,
+            );
+        }
+    }
+    let d = &m.double_alloc;
+    w.family(
+        "memconv_double_alloc_bytes",
+        "gauge",
+        "Guest memory allocated in both stores: the engine's figure (an upper bound) and the kernel's.",
+    );
+    w.sample(
+        "memconv_double_alloc_bytes",
+        &[("source", "computed")],
+        d.computed_bytes as f64,
+    );
+    w.sample(
+        "memconv_double_alloc_bytes",
+        &[("source", "kernel")],
+        d.kernel_bytes as f64,
+    );
+    w.single(
+        "memconv_double_alloc_peak_bytes",
+        "gauge",
+        "Peak of the engine's double-allocation figure.",
+        d.computed_peak_bytes as f64,
+    );
+    w.single(
+        "memconv_double_alloc_byte_seconds_total",
+        "counter",
+        "Integral over time of the engine's double-allocation figure.",
+        d.computed_byte_seconds,
+    );
+    w.single(
+        "memconv_mixed_chunks",
+        "gauge",
+        "2 MiB chunks holding both private and shared pages.",
+        m.mixed_chunks as f64,
+    );
+    w.single(
+        "memconv_mixed_chunks_peak",
+        "gauge",
+        "Peak of memconv_mixed_chunks.",
+        m.mixed_chunks_peak as f64,
+    );
+    w.single(
+        "memconv_memslots",
+        "gauge",
+        "KVM memslots installed.",
+        m.memslots as f64,
+    );
+    w.single(
+        "memconv_memslot_edits_total",
+        "counter",
+        "KVM memslot edits.",
+        m.memslot_edits as f64,
+    );
+    w.single(
+        "memconv_punch_failures_total",
+        "counter",
+        "Punches of the old side that failed (memory not released).",
+        m.punch_failures as f64,
+    );
+    w.single(
+        "memconv_unrecovered_failures_total",
+        "counter",
+        "Conversions that failed midway and could not be rolled back.",
+        m.unrecovered_failures as f64,
+    );
+
+    let l = &m.latency;
+    w.family(
+        "memconv_conversion_latency_seconds",
+        "histogram",
+        "Host time per conversion (log2 buckets; _sum is count x mean, within 1 ns per conversion).",
+    );
+    for k in LATENCY_BOUNDS_LOG2 {
+        let lt = 1u64 << k;
+        let cumulative: u64 = l
+            .buckets
+            .iter()
+            .filter(|b| b.lt_ns <= lt)
+            .map(|b| b.count)
+            .sum();
+        let le = value((lt - 1) as f64 / 1e9);
+        w.sample(
+            "memconv_conversion_latency_seconds_bucket",
+            &[("le", &le)],
+            cumulative as f64,
+        );
+    }
+    w.sample(
+        "memconv_conversion_latency_seconds_bucket",
+        &[("le", "+Inf")],
+        l.count as f64,
+    );
+    w.sample(
+        "memconv_conversion_latency_seconds_sum",
+        &[],
+        l.mean_ns as f64 * l.count as f64 / 1e9,
+    );
+    w.sample(
+        "memconv_conversion_latency_seconds_count",
+        &[],
+        l.count as f64,
+    );
+    w.single(
+        "memconv_conversion_latency_max_seconds",
+        "gauge",
+        "Slowest conversion so far.",
+        l.max_ns as f64 / 1e9,
+    );
+
+    if let Some(p) = &m.pool_report {
+        let policy = [("policy", p.policy.as_str())];
+        let gauges = [
+            (
+                "guest_pool_used_bytes",
+                "Bounce-buffer bytes the guest has mapped now.",
+                p.used_bytes,
+            ),
+            (
+                "guest_pool_high_water_bytes",
+                "Peak of guest_pool_used_bytes.",
+                p.high_water_bytes,
+            ),
+            (
+                "guest_pool_capacity_bytes",
+                "Bounce-buffer pool capacity (all pools).",
+                p.capacity_bytes,
+            ),
+            (
+                "guest_pool_shared_bytes",
+                "Guest memory the pool holds shared now.",
+                p.shared_bytes,
+            ),
+            (
+                "guest_pool_shared_peak_bytes",
+                "Peak of guest_pool_shared_bytes.",
+                p.shared_peak_bytes,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            w.family(name, "gauge", help);
+            w.sample(name, &policy, v as f64);
+        }
+        let counters = [
+            ("guest_pool_maps_total", "Successful maps.", p.maps),
+            (
+                "guest_pool_map_failures_total",
+                "Failed maps.",
+                p.map_failures,
+            ),
+            (
+                "guest_pool_throttle_waits_total",
+                "Maps that waited for pool space (throttle).",
+                p.throttle_waits,
+            ),
+            (
+                "guest_pool_transient_maps_total",
+                "Transient buffers handed out (dynamic).",
+                p.transient_maps,
+            ),
+            (
+                "guest_pool_grow_events_total",
+                "Pool growth steps.",
+                p.grow_events,
+            ),
+            (
+                "guest_pool_shrink_events_total",
+                "Pool shrink steps.",
+                p.shrink_events,
+            ),
+            (
+                "guest_pool_io_requests_total",
+                "I/O requests completed by the guest driver.",
+                p.io_requests,
+            ),
+            (
+                "guest_pool_io_errors_total",
+                "I/O errors seen by the guest driver.",
+                p.io_errors,
+            ),
+        ];
+        for (name, help, v) in counters {
+            w.family(name, "counter", help);
+            w.sample(name, &policy, v as f64);
+        }
+        w.single_labelled(
+            "guest_pool_throttle_wait_seconds_total",
+            "counter",
+            "Time maps spent waiting for pool space.",
+            &policy,
+            p.throttle_wait_ns as f64 / 1e9,
+        );
+        w.family(
+            "guest_pool_conversions_total",
+            "counter",
+            "Conversions the guest pool issued, by size class (as the guest reports them).",
+        );
+        for (size, n) in [
+            ("4k", p.conversions_4k),
+            ("2m", p.conversions_2m),
+            ("other", p.conversions_other),
+        ] {
+            w.sample(
+                "guest_pool_conversions_total",
+                &[("policy", p.policy.as_str()), ("size", size)],
+                n as f64,
+            );
+        }
+    }
+    w.out
+}
+
+impl Writer<'_> {
+    fn single_labelled(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        v: f64,
+    ) {
+        self.family(name, kind, help);
+        self.sample(name, labels, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::protocol::{BucketView, PoolView};
+
+    #[test]
+    fn labels_parse_and_escape() {
+        let l = Labels::parse(&["vm=a\"b\\c\nd".into()]).unwrap();
+        let text = render(&StatsView::default(), &l);
+        assert!(
+            text.contains("vmm_vcpus{vm=\"a\\\"b\\\\c\\nd\"} 0"),
+            "{text}"
+        );
+        for bad in ["novalue", "1x=y", "a-b=c", "__x=y", "=v"] {
+            assert!(Labels::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_before_its_samples() {
+        let mut s = StatsView::default();
+        s.exits = vec![[("total".to_string(), 5u64), ("doorbell".to_string(), 2)]
+            .into_iter()
+            .collect()];
+        s.memconv.latency.count = 3;
+        s.memconv.latency.mean_ns = 1000;
+        s.memconv.latency.buckets = vec![
+            BucketView {
+                lt_ns: 1024,
+                count: 1,
+            },
+            BucketView {
+                lt_ns: 2048,
+                count: 2,
+            },
+        ];
+        s.memconv.pool_report = Some(PoolView {
+            policy: "soak".into(),
+            ..PoolView::default()
+        });
+        let text = render(&s, &Labels::default());
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(typed.insert(name.to_string()), "{name} typed twice");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|f| typed.contains(*f) && f.ends_with("_seconds"))
+                    })
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{name} has no TYPE before it");
+            }
+        }
+        assert!(text.contains("memconv_conversion_latency_seconds_bucket{le=\"0.000001023\"} 1"));
+        assert!(text.contains("memconv_conversion_latency_seconds_bucket{le=\"0.000002047\"} 3"));
+        assert!(text.contains("memconv_conversion_latency_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("vmm_vcpu_exits_total{cpu=\"0\",reason=\"doorbell\"} 2"));
+        assert!(text.contains("guest_pool_maps_total{policy=\"soak\"} 0"));
+    }
+}

@@ -1,0 +1,814 @@
+//! The control-socket protocol: one JSON object per line in each direction, in the spirit of
+//! QMP. Owns the wire types (greeting, requests, replies, events), the protocol version, the
+//! error codes, request decoding, and the client's typed view of a `stats` reply.
+//!
+//! On connect the server sends a greeting line:
+//! `{"greeting":{"protocol":1,"vmm":"0.1.0","pid":123,"commands":["stats",...]}}`.
+//! A request is `{"cmd":"NAME"}` with an optional `"id"` (any JSON value, echoed in the reply)
+//! and an optional `"protocol"` (the version the client speaks; refused if not supported).
+//! A reply is `{"id":..,"ok":true,"return":{..}}` or
+//! `{"id":..,"ok":false,"error":{"code":"unknown_command","message":".."}}`.
+//! Events are lines with an `"event"` key, e.g. `{"event":"vm_end","data":{..}}`, sent when
+//! the VM ends; clients skip events they do not expect.
+//!
+//! Compatibility: within one protocol version fields are only ever added; clients ignore
+//! fields they do not know.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::VmConfig;
+use crate::vcpu::{ExitCounts, VmEnd};
+
+/// The protocol version this VMM speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line the server accepts, newline excluded.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Every command, in the order the greeting lists them.
+pub const COMMANDS: [&str; 5] = ["stats", "config", "pause", "resume", "shutdown"];
+
+/// Errors decoding a request or a reply. Each maps to a wire [`ErrorCode`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The line is not JSON (or not UTF-8).
+    #[error("not a JSON object: {0}")]
+    Parse(String),
+    /// JSON, but not a valid request (not an object, no `cmd`, bad arguments).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// `cmd` names no command.
+    #[error("unknown command {0:?} (commands: {list})", list = COMMANDS.join(", "))]
+    UnknownCommand(String),
+    /// The request asked for a protocol version this server does not speak.
+    #[error("protocol version {got} is not supported (this VMM speaks {PROTOCOL_VERSION})")]
+    UnsupportedProtocol {
+        /// The version asked for.
+        got: u64,
+    },
+    /// A line longer than [`MAX_LINE`].
+    #[error("request line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    /// A reply or greeting the client cannot understand.
+    #[error("malformed message from the VMM: {0}")]
+    BadMessage(String),
+}
+
+impl ProtocolError {
+    /// The wire error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::Parse(_) => ErrorCode::ParseError,
+            ProtocolError::BadRequest(_) | ProtocolError::BadMessage(_) => ErrorCode::BadRequest,
+            ProtocolError::UnknownCommand(_) => ErrorCode::UnknownCommand,
+            ProtocolError::UnsupportedProtocol { .. } => ErrorCode::UnsupportedProtocol,
+            ProtocolError::LineTooLong => ErrorCode::LineTooLong,
+        }
+    }
+}
+
+/// Error codes of failed replies (`error.code`, snake_case on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not JSON.
+    ParseError,
+    /// Not a valid request object.
+    BadRequest,
+    /// No such command.
+    UnknownCommand,
+    /// Protocol version not supported.
+    UnsupportedProtocol,
+    /// The line exceeded [`MAX_LINE`]; the server closes the connection after this reply.
+    LineTooLong,
+    /// The server has as many clients as it serves; it closes the connection.
+    TooManyClients,
+    /// The VM is ending: pause/resume/shutdown are refused.
+    VmEnding,
+    /// The server failed; the VM is unaffected.
+    Internal,
+    /// A code this client does not know (newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::ParseError => "parse_error",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::TooManyClients => "too_many_clients",
+            ErrorCode::VmEnding => "vm_ending",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+/// A request, by command. No command takes arguments in protocol 1: a request is `cmd`, plus
+/// the optional `id` and `protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Conversion statistics, exit counts, guest pool report, uptime: [`StatsReply`].
+    Stats,
+    /// How the VM was started: [`ConfigReply`].
+    Config,
+    /// Stop running guest code until `resume`: [`StateReply`].
+    Pause,
+    /// Run guest code again: [`StateReply`].
+    Resume,
+    /// End the VM (as stopped by the host; the summary is still written): [`StateReply`].
+    Shutdown,
+}
+
+impl Request {
+    /// The command name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Request::Stats => "stats",
+            Request::Config => "config",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A decoded request line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    /// The client's `id`, echoed in the reply.
+    pub id: Option<Value>,
+    /// The request.
+    pub request: Request,
+}
+
+/// A request line as a client sends it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutgoingRequest {
+    /// The command.
+    #[serde(flatten)]
+    pub request: Request,
+    /// Echoed in the reply.
+    pub id: u64,
+    /// The protocol version the client speaks.
+    pub protocol: u32,
+}
+
+/// Decodes one request line (without its newline). On error, returns the request's `id` if
+/// it had one, for the error reply.
+pub fn decode_request(line: &[u8]) -> Result<Envelope, (Option<Value>, ProtocolError)> {
+    let value: Value =
+        serde_json::from_slice(line).map_err(|e| (None, ProtocolError::Parse(e.to_string())))?;
+    let Value::Object(mut obj) = value else {
+        return Err((
+            None,
+            ProtocolError::BadRequest("a request is a JSON object".into()),
+        ));
+    };
+    let id = obj.remove("id");
+    if let Some(v) = obj.remove("protocol") {
+        match v.as_u64() {
+            Some(n) if n == u64::from(PROTOCOL_VERSION) => {}
+            Some(n) => return Err((id, ProtocolError::UnsupportedProtocol { got: n })),
+            None => {
+                return Err((
+                    id,
+                    ProtocolError::BadRequest("\"protocol\" must be a number".into()),
+                ))
+            }
+        }
+    }
+    let cmd = match obj.get("cmd") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err((
+                id,
+                ProtocolError::BadRequest("\"cmd\" must be a string".into()),
+            ))
+        }
+        None => {
+            return Err((
+                id,
+                ProtocolError::BadRequest("missing \"cmd\" (e.g. {\"cmd\":\"stats\"})".into()),
+            ))
+        }
+    };
+    if !COMMANDS.contains(&cmd.as_str()) {
+        return Err((id, ProtocolError::UnknownCommand(cmd)));
+    }
+    // serde does not refuse extra fields next to an internally tagged unit variant.
+    if let Some(extra) = obj.keys().find(|k| k.as_str() != "cmd") {
+        return Err((
+            id,
+            ProtocolError::BadRequest(format!("{cmd}: unexpected argument {extra:?}")),
+        ));
+    }
+    match serde_json::from_value::<Request>(Value::Object(obj)) {
+        Ok(request) => Ok(Envelope { id, request }),
+        Err(e) => Err((id, ProtocolError::BadRequest(format!("{cmd}: {e}")))),
+    }
+}
+
+/// The first line the server sends on a connection.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Greeting {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// The VMM's version.
+    pub vmm: String,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// The commands it serves.
+    pub commands: Vec<String>,
+}
+
+impl Greeting {
+    /// This VMM's greeting.
+    pub fn current() -> Self {
+        Greeting {
+            protocol: PROTOCOL_VERSION,
+            vmm: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+/// The greeting line's object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GreetingLine {
+    /// The greeting.
+    pub greeting: Greeting,
+}
+
+/// An error in a reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireError {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// A reply line (server side: the `return` value is any serializable value).
+#[derive(Clone, Debug, Serialize)]
+pub struct Reply<T: Serialize> {
+    /// The request's `id`, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// The command's result when `ok`.
+    #[serde(rename = "return", skip_serializing_if = "Option::is_none")]
+    pub ret: Option<T>,
+    /// The error when not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
+}
+
+impl<T: Serialize> Reply<T> {
+    /// A successful reply.
+    pub fn ok(id: Option<Value>, ret: T) -> Self {
+        Reply {
+            id,
+            ok: true,
+            ret: Some(ret),
+            error: None,
+        }
+    }
+}
+
+impl Reply<()> {
+    /// A failed reply.
+    pub fn error(id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Reply {
+            id,
+            ok: false,
+            ret: None,
+            error: Some(WireError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Any line from the server, as a client reads it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Incoming {
+    /// The request's `id` (replies).
+    #[serde(default)]
+    pub id: Option<Value>,
+    /// Whether the command succeeded (replies).
+    #[serde(default)]
+    pub ok: Option<bool>,
+    /// The result (successful replies).
+    #[serde(rename = "return", default)]
+    pub ret: Option<Value>,
+    /// The error (failed replies).
+    #[serde(default)]
+    pub error: Option<WireError>,
+    /// The event name (events).
+    #[serde(default)]
+    pub event: Option<String>,
+    /// The event data (events).
+    #[serde(default)]
+    pub data: Option<Value>,
+    /// The greeting (first line).
+    #[serde(default)]
+    pub greeting: Option<Greeting>,
+}
+
+/// What the VM is doing, as the control socket sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Guest code runs.
+    Running,
+    /// Paused through the control socket.
+    Paused,
+    /// Ending (shutdown asked, or the guest ended it).
+    Ending,
+}
+
+impl VmState {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Ending => "ending",
+        }
+    }
+}
+
+/// The `stats` reply (server side).
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsReply {
+    /// Protocol version.
+    pub protocol: u32,
+    /// Running, paused or ending.
+    pub state: VmState,
+    /// Milliseconds since the VM was created.
+    pub uptime_ms: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Exits per vCPU by reason (exact up to each vCPU's latest exit).
+    pub exits: Vec<ExitCounts>,
+    /// Sum of `exits[].total`.
+    pub exits_total: u64,
+    /// Pauses of the vCPUs so far (memslot edits and control-socket pauses).
+    pub vcpu_pauses: u64,
+    /// Microseconds taking memconv's snapshot took (lock wait and kernel queries included).
+    pub snapshot_us: u64,
+    /// The conversion service's snapshot, with the guest's latest pool report.
+    pub memconv: memconv::StatsSnapshot,
+}
+
+/// The `config` reply.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigReply {
+    /// The configuration `vmm run` built from its flags.
+    pub config: VmConfig,
+    /// `pvm` or `hardware`.
+    pub host: &'static str,
+    /// Whether guest code runs natively.
+    pub native: bool,
+}
+
+/// The `pause`, `resume` and `shutdown` replies.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateReply {
+    /// The state after the command.
+    pub state: VmState,
+    /// Whether the command changed it (pausing a paused VM does not).
+    pub changed: bool,
+}
+
+/// The `vm_end` event's data.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmEndEvent {
+    /// Why the VM ended.
+    pub end: VmEnd,
+    /// The status `vmm run` exits with.
+    pub exit_status: u8,
+}
+
+/// An event line.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event<T: Serialize> {
+    /// Event name.
+    pub event: &'static str,
+    /// Event data.
+    pub data: T,
+}
+
+// ---- The client's view of a `stats` reply: the fields `vmm ctl` shows and exports. Missing
+// fields default (older or newer servers); unknown fields are ignored.
+
+/// A `stats` reply as `vmm ctl` reads it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatsView {
+    /// Protocol version.
+    pub protocol: u32,
+    /// `running`, `paused` or `ending`.
+    pub state: String,
+    /// Milliseconds since the VM was created.
+    pub uptime_ms: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Exits per vCPU: reason -> count (`total` included).
+    pub exits: Vec<BTreeMap<String, u64>>,
+    /// All exits.
+    pub exits_total: u64,
+    /// vCPU pauses.
+    pub vcpu_pauses: u64,
+    /// Microseconds the memconv snapshot took.
+    pub snapshot_us: u64,
+    /// memconv's snapshot.
+    pub memconv: MemconvView,
+}
+
+/// memconv's snapshot, as `vmm ctl` reads it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemconvView {
+    /// Since the service started.
+    pub uptime_ms: u64,
+    /// Guest RAM.
+    pub ram_bytes: u64,
+    /// `4k` or `2m`.
+    pub granularity: String,
+    /// Conversions to shared by size class.
+    pub to_shared: SizeView,
+    /// Conversions to private by size class.
+    pub to_private: SizeView,
+    /// Pages whose attribute changed.
+    pub pages_converted: u64,
+    /// Pages already in the requested state.
+    pub noop_pages: u64,
+    /// Rejections per code.
+    pub rejects: Vec<RejectView>,
+    /// All rejections.
+    pub rejects_total: u64,
+    /// ACCEPT entries.
+    pub accept_entries: u64,
+    /// 2 MiB units accepted.
+    pub accepted_units: u64,
+    /// Double-accept attempts.
+    pub double_accept_violations: u64,
+    /// Doorbell exits serviced.
+    pub doorbells: u64,
+    /// Ranges carried by doorbells.
+    pub mailbox_ranges: u64,
+    /// Ranges per doorbell.
+    pub ranges_per_exit: f64,
+    /// Mailboxes rejected whole.
+    pub bad_mailboxes: u64,
+    /// KVM_HC_MAP_GPA_RANGE conversions.
+    pub hypercalls: u64,
+    /// Private store.
+    pub private_store: StoreView,
+    /// Shared store.
+    pub shared_store: StoreView,
+    /// Double allocation.
+    pub double_alloc: DoubleAllocView,
+    /// Mixed 2 MiB chunks now.
+    pub mixed_chunks: u64,
+    /// Peak mixed chunks.
+    pub mixed_chunks_peak: u64,
+    /// Memslots now.
+    pub memslots: u64,
+    /// Memslot edits.
+    pub memslot_edits: u64,
+    /// vCPU pauses memconv asked for.
+    pub vcpu_pauses: u64,
+    /// Failed punches.
+    pub punch_failures: u64,
+    /// Failures not rolled back.
+    pub unrecovered_failures: u64,
+    /// Conversion latency.
+    pub latency: LatencyView,
+    /// The guest's latest pool report.
+    pub pool_report: Option<PoolView>,
+}
+
+/// Conversions per size class.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SizeView {
+    /// Exactly 4 KiB.
+    #[serde(rename = "4k")]
+    pub k4: u64,
+    /// Neither 4 KiB nor 2 MiB multiples.
+    pub sub2m: u64,
+    /// 2 MiB aligned multiples.
+    #[serde(rename = "2m")]
+    pub m2: u64,
+}
+
+impl SizeView {
+    /// All classes.
+    pub fn total(&self) -> u64 {
+        self.k4 + self.sub2m + self.m2
+    }
+}
+
+/// Rejections of one code.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RejectView {
+    /// Status code.
+    pub code: u32,
+    /// Its name.
+    pub name: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// One store's allocation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreView {
+    /// Store kind.
+    pub kind: String,
+    /// Bytes the bitmap gives this side.
+    pub owned_bytes: u64,
+    /// What the engine may have left allocated.
+    pub engine_bound_bytes: u64,
+    /// Bytes the kernel has allocated to the file.
+    pub kernel_bytes: u64,
+    /// Bytes the kernel reports resident.
+    pub kernel_resident_bytes: u64,
+}
+
+/// Double allocation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DoubleAllocView {
+    /// Engine's figure now.
+    pub computed_bytes: u64,
+    /// Its peak.
+    pub computed_peak_bytes: u64,
+    /// Its integral over time.
+    pub computed_byte_seconds: f64,
+    /// Kernel's figure now.
+    pub kernel_bytes: u64,
+}
+
+/// Conversion latency.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatencyView {
+    /// Conversions timed.
+    pub count: u64,
+    /// Mean, ns.
+    pub mean_ns: u64,
+    /// Max, ns.
+    pub max_ns: u64,
+    /// Median bucket bound, ns.
+    pub p50_ns_le: u64,
+    /// 99th percentile bucket bound, ns.
+    pub p99_ns_le: u64,
+    /// Non-empty log2 buckets.
+    pub buckets: Vec<BucketView>,
+}
+
+/// A latency bucket: `count` values below `lt_ns` (and at least half of it).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BucketView {
+    /// Exclusive upper bound, ns.
+    pub lt_ns: u64,
+    /// How many.
+    pub count: u64,
+}
+
+/// The guest's latest pool report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolView {
+    /// Policy name.
+    pub policy: String,
+    /// Bytes mapped now.
+    pub used_bytes: u64,
+    /// Peak used.
+    pub high_water_bytes: u64,
+    /// Capacity.
+    pub capacity_bytes: u64,
+    /// Successful maps.
+    pub maps: u64,
+    /// Failed maps.
+    pub map_failures: u64,
+    /// Throttle waits.
+    pub throttle_waits: u64,
+    /// Throttle wait time, ns.
+    pub throttle_wait_ns: u64,
+    /// 4K conversions issued.
+    pub conversions_4k: u64,
+    /// 2M conversions issued.
+    pub conversions_2m: u64,
+    /// Other conversions issued.
+    pub conversions_other: u64,
+    /// Bytes shared now.
+    pub shared_bytes: u64,
+    /// Peak shared.
+    pub shared_peak_bytes: u64,
+    /// Transient buffers.
+    pub transient_maps: u64,
+    /// Growth steps.
+    pub grow_events: u64,
+    /// Shrink steps.
+    pub shrink_events: u64,
+    /// I/O requests.
+    pub io_requests: u64,
+    /// I/O errors.
+    pub io_errors: u64,
+}
+
+/// Serializes one message as a line (with its newline).
+pub fn to_line<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(message)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// A JSON object with one key, for ad-hoc messages.
+pub fn object(key: &str, value: Value) -> Value {
+    let mut map = Map::new();
+    map.insert(key.to_string(), value);
+    Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_code(line: &str) -> ErrorCode {
+        match decode_request(line.as_bytes()) {
+            Ok(e) => panic!("{line:?} decoded as {e:?}"),
+            Err((_, e)) => e.code(),
+        }
+    }
+
+    #[test]
+    fn requests_decode() {
+        for (line, want) in [
+            (r#"{"cmd":"stats"}"#, Request::Stats),
+            (r#"{"cmd":"config","id":7}"#, Request::Config),
+            (r#"{"cmd":"pause","protocol":1}"#, Request::Pause),
+            (r#" {"id":"x","cmd":"resume"} "#, Request::Resume),
+            (r#"{"cmd":"shutdown"}"#, Request::Shutdown),
+        ] {
+            let env = decode_request(line.as_bytes()).unwrap();
+            assert_eq!(env.request, want, "{line}");
+        }
+        let env = decode_request(br#"{"cmd":"config","id":{"a":[1]}}"#).unwrap();
+        assert_eq!(env.id, Some(serde_json::json!({"a":[1]})));
+    }
+
+    #[test]
+    fn bad_requests_get_codes() {
+        assert_eq!(err_code("garbage"), ErrorCode::ParseError);
+        assert_eq!(err_code("{\"cmd\":"), ErrorCode::ParseError);
+        assert_eq!(err_code("[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(err_code(r#"{"id":1}"#), ErrorCode::BadRequest);
+        assert_eq!(err_code(r#"{"cmd":5}"#), ErrorCode::BadRequest);
+        assert_eq!(err_code(r#"{"cmd":"reboot"}"#), ErrorCode::UnknownCommand);
+        assert_eq!(
+            err_code(r#"{"cmd":"stats","protocol":2}"#),
+            ErrorCode::UnsupportedProtocol
+        );
+        assert_eq!(
+            err_code(r#"{"cmd":"stats","protocol":"1"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err_code(r#"{"cmd":"stats","verbose":true}"#),
+            ErrorCode::BadRequest
+        );
+        // The id survives for the error reply.
+        let (id, _) = decode_request(br#"{"cmd":"nope","id":42}"#).unwrap_err();
+        assert_eq!(id, Some(serde_json::json!(42)));
+    }
+
+    #[test]
+    fn every_command_decodes_and_is_named() {
+        for name in COMMANDS {
+            let line = format!("{{\"cmd\":\"{name}\"}}");
+            let env = decode_request(line.as_bytes()).unwrap();
+            assert_eq!(env.request.name(), name);
+        }
+    }
+
+    #[test]
+    fn replies_serialize_as_documented() {
+        let ok = to_line(&Reply::ok(
+            Some(serde_json::json!(3)),
+            StateReply {
+                state: VmState::Paused,
+                changed: true,
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(ok).unwrap(),
+            "{\"id\":3,\"ok\":true,\"return\":{\"state\":\"paused\",\"changed\":true}}\n"
+        );
+        let err = to_line(&Reply::error(None, ErrorCode::UnknownCommand, "no")).unwrap();
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            "{\"ok\":false,\"error\":{\"code\":\"unknown_command\",\"message\":\"no\"}}\n"
+        );
+        let back: Incoming =
+            serde_json::from_str(r#"{"ok":false,"error":{"code":"something_new","message":"m"}}"#)
+                .unwrap();
+        assert_eq!(back.error.map(|e| e.code), Some(ErrorCode::Unknown));
+    }
+
+    /// Every field the client's view reads must exist, with the same name, in what the server
+    /// sends: catches a renamed memconv field.
+    #[test]
+    fn stats_view_reads_what_the_server_sends() {
+        use memconv::stats::{Counters, SnapshotInputs, StatsSnapshot, StoreUsage};
+        use memconv::{Granularity, StoreKind};
+        let usage = |kind| StoreUsage {
+            kind,
+            owned_bytes: 1,
+            engine_bound_bytes: 2,
+            kernel_bytes: 3,
+            kernel_bytes_source: "st_blocks",
+            kernel_resident_bytes: 4,
+            kernel_resident_method: "seek_data",
+        };
+        let mut counters = Counters::default();
+        counters.latency.record(5000);
+        let mut report = memconv::abi::PoolReport::default();
+        report.policy[..4].copy_from_slice(b"soak");
+        report.policy_len = 4;
+        counters.pool_report = Some(report);
+        let snapshot = StatsSnapshot::build(
+            &mut counters,
+            SnapshotInputs {
+                ram_bytes: 64 << 20,
+                granularity: Granularity::Page4K,
+                private_store: usage(StoreKind::Memfd),
+                shared_store: usage(StoreKind::Memfd),
+                kernel_dbl_bytes: 0,
+                mixed_chunks: 0,
+                memslots: 1,
+                memslot_edits: 1,
+                kernel_query_errors: Vec::new(),
+            },
+        );
+        let reply = StatsReply {
+            protocol: PROTOCOL_VERSION,
+            state: VmState::Running,
+            uptime_ms: 5,
+            cpus: 1,
+            exits: vec![ExitCounts::default()],
+            exits_total: 0,
+            vcpu_pauses: 0,
+            snapshot_us: 0,
+            memconv: snapshot,
+        };
+        let sent = serde_json::to_value(&reply).unwrap();
+        let view: StatsView = serde_json::from_value(sent.clone()).unwrap();
+        let read = serde_json::to_value(&view).unwrap();
+        fn covered(path: &str, read: &Value, sent: &Value) {
+            match (read, sent) {
+                (Value::Object(r), Value::Object(s)) => {
+                    for (k, v) in r {
+                        let sv = s
+                            .get(k)
+                            .unwrap_or_else(|| panic!("the server sends no {path}.{k}"));
+                        covered(&format!("{path}.{k}"), v, sv);
+                    }
+                }
+                (Value::Array(r), Value::Array(s)) => {
+                    for (rv, sv) in r.iter().zip(s) {
+                        covered(&format!("{path}[]"), rv, sv);
+                    }
+                }
+                _ => {}
+            }
+        }
+        covered("", &read, &sent);
+        assert_eq!(view.memconv.latency.count, 1);
+        assert_eq!(
+            view.memconv.pool_report.map(|p| p.policy),
+            Some("soak".into())
+        );
+        assert!(view.exits[0].contains_key("doorbell"));
+    }
+}
