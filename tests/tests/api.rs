@@ -299,7 +299,10 @@ fn concurrent_clients_see_live_counters_consistent_with_the_final_summary() {
             assert_eq!(s["protocol"], 1);
             assert_eq!(s["cpus"], 1);
             // Exit counts are read before the memconv snapshot: never ahead of it.
-            assert!(num(&s["exits"][0]["doorbell"]) <= num(&s["memconv"]["doorbells"]), "{s}");
+            assert!(
+                num(&s["exits"][0]["doorbell"]) <= num(&s["memconv"]["doorbells"]),
+                "{s}"
+            );
             // The guest reports what it completed: never ahead of memconv.
             if let Some(p) = s["memconv"]["pool_report"].as_object() {
                 assert_eq!(p["policy"], "soak");
@@ -307,7 +310,11 @@ fn concurrent_clients_see_live_counters_consistent_with_the_final_summary() {
                     .iter()
                     .map(|k| num(&p[*k]))
                     .sum();
-                assert!(guest <= conversions(s), "guest {guest} > host {}", conversions(s));
+                assert!(
+                    guest <= conversions(s),
+                    "guest {guest} > host {}",
+                    conversions(s)
+                );
                 assert!(num(&p["maps"]) > 0);
             }
         }
@@ -359,7 +366,11 @@ fn pause_stops_the_counters_resume_restarts_them_and_shutdown_ends_a_paused_vm()
     std::thread::sleep(Duration::from_millis(300));
     let b = c.cmd("stats");
     assert_eq!(a["state"], "paused");
-    assert_eq!(conversions(&a), conversions(&b), "conversions moved while paused");
+    assert_eq!(
+        conversions(&a),
+        conversions(&b),
+        "conversions moved while paused"
+    );
     assert_eq!(a["exits"], b["exits"], "exits moved while paused");
     assert_eq!(
         a["memconv"]["pages_converted"],
@@ -371,7 +382,10 @@ fn pause_stops_the_counters_resume_restarts_them_and_shutdown_ends_a_paused_vm()
     assert_eq!(again, serde_json::json!({"state":"paused","changed":false}));
 
     let resumed = c.cmd("resume");
-    assert_eq!(resumed, serde_json::json!({"state":"running","changed":true}));
+    assert_eq!(
+        resumed,
+        serde_json::json!({"state":"running","changed":true})
+    );
     std::thread::sleep(Duration::from_millis(200));
     let after = c.cmd("stats");
     assert!(
@@ -454,7 +468,10 @@ fn malformed_requests_get_error_codes_and_the_connection_stays_usable() {
         ("{\"id\":5}", "bad_request"),
         ("{\"cmd\":7}", "bad_request"),
         ("{\"cmd\":\"reboot\",\"id\":\"x\"}", "unknown_command"),
-        ("{\"cmd\":\"stats\",\"protocol\":99}", "unsupported_protocol"),
+        (
+            "{\"cmd\":\"stats\",\"protocol\":99}",
+            "unsupported_protocol",
+        ),
         ("{\"cmd\":\"stats\",\"verbose\":true}", "bad_request"),
     ] {
         let reply = c.request(line);
@@ -505,7 +522,7 @@ fn a_half_line_then_disconnect_is_forgotten() {
         let mut c = Conn::open(&vm.sock);
         c.send(b"{\"cmd\":\"sta");
     } // dropped mid-line
-    // Half-closed after a complete line and a half one: one reply, then EOF.
+      // Half-closed after a complete line and a half one: one reply, then EOF.
     let mut c = Conn::open(&vm.sock);
     c.send(b"{\"cmd\":\"config\",\"id\":1}\n{\"cmd\":\"st");
     c.writer
@@ -561,7 +578,9 @@ fn many_clients_at_once_and_a_limit() {
             let sock = vm.sock.clone();
             std::thread::spawn(move || {
                 let mut c = Conn::open(&sock);
-                (0..5).map(|_| conversions(&c.cmd("stats"))).collect::<Vec<_>>()
+                (0..5)
+                    .map(|_| conversions(&c.cmd("stats")))
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
@@ -595,7 +614,10 @@ fn socket_file_is_private_stale_ones_replaced_live_ones_kept_and_removed_on_exit
     drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
     assert!(sock.exists());
     let mut vm = Vm::start_at(dir.clone(), sock.clone(), "seconds=0");
-    let mode = std::fs::metadata(&sock).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
 
     // A second VMM on the same socket is refused and does not disturb the first.
@@ -652,7 +674,11 @@ fn ctl_reports_missing_and_refused_sockets_with_status_2() {
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
     let out = ctl(&stale, &["stats"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("refused"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("refused"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = ctl(&missing, &["stats", "--watch", "0"]);
     assert_eq!(out.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
@@ -697,15 +723,13 @@ fn ctl_stats_table_json_and_watch() {
     let out = ctl(&vm.sock, &["shutdown"]);
     assert_eq!(out.status.code(), Some(0));
     let watched = watcher.wait_with_output().expect("watch ends with the VM");
-    assert_eq!(
-        watched.status.code(),
-        Some(0),
-        "{}",
-        text(&watched.stderr)
-    );
+    assert_eq!(watched.status.code(), Some(0), "{}", text(&watched.stderr));
     let w = text(&watched.stdout);
     assert!(w.matches("VM running").count() >= 3, "{w}");
-    assert!(w.contains("exits/s"), "rates from the second sample on: {w}");
+    assert!(
+        w.contains("exits/s"),
+        "rates from the second sample on: {w}"
+    );
     assert!(w.contains("the VM has ended"), "{w}");
     let (status, _) = vm.wait();
     assert_eq!(status.code(), Some(0));
@@ -756,23 +780,24 @@ fn metrics_are_valid_prometheus_text_consistent_with_stats() {
                     .get(family)
                     .unwrap_or_else(|| panic!("sample without TYPE: {line}"));
                 if kind == "Counter" {
-                    assert!(family.ends_with("_total"), "counter not named _total: {line}");
+                    assert!(
+                        family.ends_with("_total"),
+                        "counter not named _total: {line}"
+                    );
                 }
                 assert!(line.contains("vm=\"it\""), "constant label missing: {line}");
             }
             other => panic!("line the parser does not understand: {line:?} ({other:?})"),
         }
     }
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-        .expect("parses");
+    let scrape =
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parses");
     assert!(sample_lines > 50, "{body}");
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
         let s = scrape
             .samples
             .iter()
-            .find(|s| {
-                s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-            })
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
             .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
         match &s.value {
             prometheus_parse::Value::Counter(v)
@@ -783,7 +808,10 @@ fn metrics_are_valid_prometheus_text_consistent_with_stats() {
     };
     let between = |name: &str, labels: &[(&str, &str)], a: f64, b: f64| {
         let v = value(name, labels);
-        assert!(a <= v && v <= b, "{name} {labels:?} = {v}, not in [{a}, {b}]");
+        assert!(
+            a <= v && v <= b,
+            "{name} {labels:?} = {v}, not in [{a}, {b}]"
+        );
     };
     let m = |s: &Value, d: &str, k: &str| num(&s["memconv"][d][k]) as f64;
     for d in ["to_shared", "to_private"] {
@@ -812,7 +840,12 @@ fn metrics_are_valid_prometheus_text_consistent_with_stats() {
     assert_eq!(value("vmm_vcpus", &[]), 1.0);
     assert_eq!(value("vmm_state", &[("state", "running")]), 1.0);
     assert!(value("guest_pool_maps_total", &[("policy", "soak")]) > 0.0);
-    assert!(value("memconv_store_owned_bytes", &[("side", "private"), ("store", "memfd")]) > 0.0);
+    assert!(
+        value(
+            "memconv_store_owned_bytes",
+            &[("side", "private"), ("store", "memfd")]
+        ) > 0.0
+    );
     // The latency histogram: cumulative buckets up to +Inf == count.
     let hist = scrape
         .samples

@@ -109,11 +109,11 @@ enum BenchCommand {
     /// conversion rate with and without a client polling `stats`, in alternating phases of
     /// one VM.
     Api {
-        /// Alternating phase pairs (without, then with the poller).
-        #[arg(long, default_value_t = 4)]
+        /// Phase pairs (without and with the poller, in ABBA order).
+        #[arg(long, default_value_t = 12)]
         pairs: u32,
         /// Seconds per phase.
-        #[arg(long, default_value_t = 1.5)]
+        #[arg(long, default_value_t = 0.5)]
         phase_secs: f64,
         /// Milliseconds between the poller's `stats` requests.
         #[arg(long, default_value_t = 10)]
@@ -137,7 +137,7 @@ pub struct ConformArgs {
     /// comma-separated term, e.g. `throttle,hugetlb-hugetlb`.
     #[arg(long, value_name = "TERMS", value_delimiter = ',')]
     filter: Vec<String>,
-    /// Cells run at once (default: the number of CPUs).
+    /// Cells run at once (default: half the host CPUs).
     #[arg(long, value_name = "N")]
     jobs: Option<usize>,
     /// Directory for conform.json, conform.csv, the SVG charts and per-cell logs.
@@ -325,8 +325,9 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
     let opts = conform::ConformOptions {
         quick: args.quick,
         filters: args.filter.clone(),
+        // Each cell's vCPUs spin at full speed: one cell per two host CPUs.
         jobs: args.jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / 2).max(1)
         }),
         out_dir: args.out.clone(),
         guest: args.guest.clone(),

@@ -30,7 +30,7 @@ use super::protocol::{
     StateReply, StatsReply, VmEndEvent, VmState, MAX_LINE, PROTOCOL_VERSION,
 };
 use crate::config::VmConfig;
-use crate::vcpu::{VmEnd, VmShared};
+use crate::vcpu::{ExitCounts, VmEnd, VmShared};
 
 /// Most clients served at once; more are told `too_many_clients` and closed.
 pub const MAX_CLIENTS: usize = 64;
@@ -50,6 +50,8 @@ const TOKEN_END: u32 = 1;
 const TOKEN_WAKE: u32 = 2;
 const TOKEN_TICK: u32 = 3;
 const TOKEN_CONN: u32 = 4;
+/// Longest a `stats` snapshot is reused (see `Snapshot::reuse_for`).
+pub const SNAPSHOT_MAX_REUSE: Duration = Duration::from_millis(250);
 /// Period of the housekeeping timer (stalled clients) and of the loop's end check.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -311,6 +313,27 @@ impl Conn {
     }
 }
 
+/// What a `stats` reply is made of, taken at one instant.
+struct Snapshot {
+    taken: Instant,
+    /// How long taking it took (memconv's lock wait and kernel queries, mostly).
+    cost: Duration,
+    uptime_ms: u64,
+    exits: Vec<ExitCounts>,
+    vcpu_pauses: u64,
+    memconv: memconv::StatsSnapshot,
+}
+
+impl Snapshot {
+    /// How long this snapshot answers `stats`: 100 times what it cost, at most
+    /// [`SNAPSHOT_MAX_REUSE`]. memconv's snapshot holds its lock (a converting vCPU waits) while
+    /// it asks the kernel about the stores: this bounds the time spent in it at ~1%, however
+    /// many clients poll however often, and keeps replies as fresh as that allows.
+    fn reuse_for(&self) -> Duration {
+        (self.cost * 100).min(SNAPSHOT_MAX_REUSE)
+    }
+}
+
 /// The event-manager subscriber: listener, VM-end eventfd, wake eventfd, connections.
 struct Server {
     listener: UnixListener,
@@ -329,6 +352,8 @@ struct Server {
     greeting: Vec<u8>,
     /// Set when the VM-end eventfd fired.
     ended: bool,
+    /// The latest `stats` snapshot (dropped by pause/resume/shutdown).
+    snapshot: Option<Snapshot>,
 }
 
 fn serialize_line<T: Serialize>(message: &T) -> Vec<u8> {
@@ -361,22 +386,62 @@ impl Server {
         }
     }
 
-    fn stats(&self) -> StatsReply {
+    /// The `stats` reply: from a fresh snapshot, or from the previous one while it is younger
+    /// than [`Snapshot::reuse_for`] (so that pollers cost the VM at most ~1%).
+    fn stats(&mut self) -> StatsReply {
+        let now = Instant::now();
+        let reuse = self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| now.duration_since(s.taken) < s.reuse_for());
+        if !reuse {
+            self.snapshot = Some(self.take_snapshot());
+        }
+        let state = self.state();
+        match &self.snapshot {
+            Some(s) => StatsReply {
+                protocol: PROTOCOL_VERSION,
+                state,
+                uptime_ms: s.uptime_ms,
+                age_ms: s.taken.elapsed().as_millis() as u64,
+                snapshot_us: s.cost.as_micros() as u64,
+                cpus: self.ctx.config.cpus,
+                exits_total: s.exits.iter().map(|e| e.total).sum(),
+                exits: s.exits.clone(),
+                vcpu_pauses: s.vcpu_pauses,
+                memconv: s.memconv.clone(),
+            },
+            // Unreachable (just stored); answer from a fresh one rather than fail.
+            None => {
+                let s = self.take_snapshot();
+                StatsReply {
+                    protocol: PROTOCOL_VERSION,
+                    state,
+                    uptime_ms: s.uptime_ms,
+                    age_ms: 0,
+                    snapshot_us: s.cost.as_micros() as u64,
+                    cpus: self.ctx.config.cpus,
+                    exits_total: s.exits.iter().map(|e| e.total).sum(),
+                    exits: s.exits,
+                    vcpu_pauses: s.vcpu_pauses,
+                    memconv: s.memconv,
+                }
+            }
+        }
+    }
+
+    fn take_snapshot(&self) -> Snapshot {
         let shared = &self.ctx.shared;
+        let taken = Instant::now();
         // Exit counts first: the memconv snapshot may wait for a conversion batch to finish.
         let exits = shared.exit_counts();
-        let t = Instant::now();
         let memconv = shared.memconv.stats();
-        let snapshot_us = t.elapsed().as_micros() as u64;
-        StatsReply {
-            protocol: PROTOCOL_VERSION,
-            state: self.state(),
-            uptime_ms: self.ctx.created.elapsed().as_millis() as u64,
-            cpus: self.ctx.config.cpus,
-            exits_total: exits.iter().map(|e| e.total).sum(),
+        Snapshot {
+            taken,
+            cost: taken.elapsed(),
+            uptime_ms: taken.duration_since(self.ctx.created).as_millis() as u64,
             exits,
             vcpu_pauses: shared.control.pause_count(),
-            snapshot_us,
             memconv,
         }
     }
@@ -393,6 +458,7 @@ impl Server {
         // maybe pausing the others itself: pauses nest) finishes it and then parks.
         control.pause();
         self.paused = true;
+        self.snapshot = None;
         let deadline = Instant::now() + PAUSE_SETTLE_TIMEOUT;
         while !control.is_quiescent() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(50));
@@ -417,6 +483,7 @@ impl Server {
         }
         self.ctx.shared.control.resume();
         self.paused = false;
+        self.snapshot = None;
         StateReply {
             state: VmState::Running,
             changed: true,
@@ -427,6 +494,7 @@ impl Server {
         let changed = !self.shutting_down;
         if changed {
             self.shutting_down = true;
+            self.snapshot = None;
             tracing::info!("shutdown asked on the control socket");
             self.ctx.shared.end(VmEnd::Stopped);
         }
@@ -761,6 +829,7 @@ fn serve_loop(socket: &ApiSocket, ctx: VmContext) -> Result<VmEnd, ServerError> 
         shutting_down: false,
         greeting,
         ended: false,
+        snapshot: None,
     });
     // From here on the VM's end wakes the loop at once.
     shared.set_end_notifier(notifier);

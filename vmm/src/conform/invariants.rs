@@ -59,7 +59,7 @@ pub fn host_conversions(memconv: &Value, class: &str) -> u64 {
     u(memconv, &["to_shared", class]) + u(memconv, &["to_private", class])
 }
 
-/// Sum of every `violations` counter the devices report.
+/// Sum of every `violations` counter the DMA device reports.
 pub fn device_violations(summary: &Value) -> u64 {
     fn walk(v: &Value, acc: &mut u64) {
         match v {
@@ -77,7 +77,7 @@ pub fn device_violations(summary: &Value) -> u64 {
         }
     }
     let mut total = 0;
-    walk(&summary["devices"], &mut total);
+    walk(&summary["disk"], &mut total);
     total
 }
 
@@ -94,6 +94,30 @@ fn check(name: &'static str, result: Result<(), String>) -> Verdict {
             detail,
         },
     }
+}
+
+/// Whether the cell could not run at all because the host requires 2 MiB conversions and the
+/// policy (which does not claim to be 2M-only) issued smaller ones: the guest gave up during
+/// setup. That is a finding about the combination, not a broken invariant.
+pub fn incompatible(run: &RunData) -> Option<String> {
+    let s = run.summary.as_ref()?;
+    let m = &s["memconv"];
+    let requires_2m = m["rejects"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "requires_2m"))
+        .map_or(0, |r| u(r, &["count"]));
+    let guest_failed = s["end"]["kind"] == "guest_exit" && s["end"]["code"] != 0;
+    let claims_2m = m["pool_report"]["claims_2m"] == true;
+    (guest_failed && requires_2m > 0 && !claims_2m).then(|| {
+        format!(
+            "the policy issued {requires_2m} conversions smaller than 2M, which this host refuses: {}",
+            run.serial
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+        )
+    })
 }
 
 /// Checks every invariant for one cell.
@@ -260,7 +284,7 @@ mod tests {
     fn good_summary() -> Value {
         json!({
             "end": {"kind": "guest_exit", "code": 0},
-            "devices": {"blk": {"violations": 0}},
+            "disk": {"violations": 0},
             "memconv": {
                 "to_shared": {"4k": 0, "sub2m": 0, "2m": 3},
                 "to_private": {"4k": 0, "sub2m": 0, "2m": 1},
@@ -318,7 +342,7 @@ mod tests {
     #[test]
     fn violations_crashes_and_throttle_failures_are_named() {
         let mut s = good_summary();
-        s["devices"]["blk"]["violations"] = json!(2);
+        s["disk"]["violations"] = json!(2);
         s["memconv"]["pool_report"]["map_failures"] = json!(1);
         let run = RunData {
             exit_code: Some(0),

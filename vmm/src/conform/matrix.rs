@@ -56,10 +56,10 @@ impl Workload {
         }
     }
 
-    /// vCPUs the workload runs with.
+    /// vCPUs the workload runs with: its I/O vCPUs plus one for the pool's background worker.
     pub fn cpus(self) -> u32 {
         match self {
-            Workload::Smp => 3,
+            Workload::Ramp | Workload::Smp => 3,
             _ => 2,
         }
     }
@@ -67,11 +67,11 @@ impl Workload {
     /// The io fixture's command line for this workload (policy options come separately).
     pub fn cmdline(self) -> &'static str {
         match self {
-            Workload::Steady => "sizes=512-2k qd=8 rw=50 requests=3000",
-            Workload::Large => "sizes=64k-256k qd=4 rw=50 requests=300",
-            Workload::Burst => "sizes=4k-64k qd=32 burst=8 rw=50 requests=2000",
-            Workload::Ramp => "sizes=2k-32k qd=16 ramp=1 rw=50 requests=2000",
-            Workload::Smp => "sizes=2k-32k qd=16 rw=50 requests=1500 iocpus=2",
+            Workload::Steady => "sizes=512-2k qd=8 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
+            Workload::Large => "sizes=64k-256k qd=4 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
+            Workload::Burst => "sizes=4k-64k burst=32 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
+            Workload::Ramp => "sizes=2k-32k qd=16 rw=50 requests=1500 cpus=2 worker=1 ramp_ms=200",
+            Workload::Smp => "sizes=2k-32k qd=16 rw=50 seconds=1 cpus=2 worker=1 report_ms=20",
         }
     }
 }

@@ -85,9 +85,9 @@ pub struct ConformOutcome {
 }
 
 impl ConformOutcome {
-    /// Whether every invariant held in every cell.
+    /// Whether no invariant broke in any cell (incompatible cells are not failures).
     pub fn all_passed(&self) -> bool {
-        self.results.iter().all(|r| r.passed)
+        !self.results.iter().any(CellResult::failed_invariant)
     }
 }
 
@@ -239,10 +239,15 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
                         CellResult::new(cell.clone(), &run, 0.0)
                     }
                 };
-                let line = if result.passed {
-                    format!("pass {} ({:.1} s)", result.id, result.run_seconds)
-                } else {
+                let line = if result.failed_invariant() {
                     format!("FAIL {} [{}]", result.id, result.failed().join(", "))
+                } else {
+                    format!(
+                        "{} {} ({:.1} s)",
+                        result.verdict(),
+                        result.id,
+                        result.run_seconds
+                    )
                 };
                 bar.println(line);
                 bar.inc(1);

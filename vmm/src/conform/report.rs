@@ -57,8 +57,10 @@ pub struct CellResult {
     pub cell: Cell,
     /// `cell.id()`.
     pub id: String,
-    /// Whether every invariant held.
+    /// Whether every invariant held (false for an incompatible cell too).
     pub passed: bool,
+    /// Why the policy cannot run on this host at all (the cell is then neither pass nor fail).
+    pub incompatible: Option<String>,
     /// Every invariant's verdict.
     pub invariants: Vec<Verdict>,
     /// Metrics.
@@ -73,7 +75,8 @@ impl CellResult {
     /// Builds a cell's result from its run.
     pub fn new(cell: Cell, run: &RunData, run_seconds: f64) -> Self {
         let invariants = invariants::evaluate(&cell, run);
-        let passed = invariants.iter().all(|v| v.passed);
+        let incompatible = invariants::incompatible(run);
+        let passed = incompatible.is_none() && invariants.iter().all(|v| v.passed);
         let (metrics, shared_timeline) = run
             .summary
             .as_ref()
@@ -83,10 +86,25 @@ impl CellResult {
             id: cell.id(),
             cell,
             passed,
+            incompatible,
             invariants,
             metrics,
             run_seconds,
             shared_timeline,
+        }
+    }
+
+    /// Whether an invariant broke (an incompatible cell is not a failure).
+    pub fn failed_invariant(&self) -> bool {
+        self.incompatible.is_none() && !self.passed
+    }
+
+    /// `pass`, `FAIL` or `n/a` (incompatible).
+    pub fn verdict(&self) -> &'static str {
+        match (self.passed, &self.incompatible) {
+            (true, _) => "pass",
+            (false, Some(_)) => "n/a",
+            (false, None) => "FAIL",
         }
     }
 
@@ -166,7 +184,7 @@ pub fn table(results: &[CellResult]) -> String {
             out,
             "{:<40} {:<6} {:>10.1} {:>8} {:>8} {:>17} {:>10.1} {:>10.2} {:>7.1}",
             r.id,
-            if r.passed { "pass" } else { "FAIL" },
+            r.verdict(),
             mib(m.peak_shared_bytes),
             m.map_failures,
             m.throttle_waits,
@@ -179,14 +197,27 @@ pub fn table(results: &[CellResult]) -> String {
             r.run_seconds
         );
     }
-    let failed: Vec<&CellResult> = results.iter().filter(|r| !r.passed).collect();
+    let failed: Vec<&CellResult> = results.iter().filter(|r| r.failed_invariant()).collect();
+    let na: Vec<&CellResult> = results
+        .iter()
+        .filter(|r| r.incompatible.is_some())
+        .collect();
     let _ = writeln!(
         out,
-        "\n{} cells, {} passed, {} failed",
+        "\n{} cells: {} passed, {} failed, {} not applicable",
         results.len(),
-        results.len() - failed.len(),
-        failed.len()
+        results.len() - failed.len() - na.len(),
+        failed.len(),
+        na.len()
     );
+    for r in na {
+        let _ = writeln!(
+            out,
+            "n/a  {}: {}",
+            r.id,
+            r.incompatible.as_deref().unwrap_or("")
+        );
+    }
     for r in failed {
         for v in r.invariants.iter().filter(|v| !v.passed) {
             let _ = writeln!(out, "FAIL {} {}: {}", r.id, v.name, v.detail);
@@ -219,8 +250,12 @@ pub fn csv(results: &[CellResult]) -> String {
             c.shared,
             c.granularity,
             c.workload.name(),
-            if r.passed { "pass" } else { "fail" },
-            r.failed().join(";"),
+            r.verdict().to_lowercase(),
+            if r.incompatible.is_some() {
+                String::new()
+            } else {
+                r.failed().join(";")
+            },
             m.peak_shared_bytes,
             m.maps,
             m.map_failures,
@@ -311,7 +346,8 @@ pub fn write_files(dir: &Path, results: &[CellResult]) -> Result<Vec<String>, Re
         "invariants": invariants::NAMES,
         "cells": results,
         "passed": results.iter().filter(|r| r.passed).count(),
-        "failed": results.iter().filter(|r| !r.passed).count(),
+        "failed": results.iter().filter(|r| r.failed_invariant()).count(),
+        "not_applicable": results.iter().filter(|r| r.incompatible.is_some()).count(),
     });
     let files: Vec<(&str, String)> = vec![
         ("conform.json", serde_json::to_string_pretty(&json)?),
