@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (see README.md): formatting, lints, the host-side unit tests of
-# the guest crates, and the whole workspace test suite, which boots real KVM guests.
+# the guest crates, and the whole workspace test suite, which boots real KVM guests (tests that
+# need huge pages reserve them themselves, as root).
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo fmt --all -- --check
 (cd guest-fixtures && cargo fmt --all -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
-(cd guest-fixtures && cargo test -p rt -p swiotlb)
+(cd guest-fixtures && cargo clippy --release -p rt -p fixtures -p swiotlb -p virtio -- -D warnings)
+(cd guest-fixtures && cargo test -p rt -p swiotlb -p virtio)
 cargo test --workspace

@@ -232,20 +232,27 @@ fn exits_total(stats: &Value) -> u64 {
 }
 
 /// The VM keeps running and serving: a new client gets `stats`, and conversions and exits
-/// move between two of them.
+/// move (snapshots are reused for at most 250 ms: poll for a newer one).
 fn assert_alive(sock: &Path) {
     let mut c = Conn::open(sock);
     let a = c.cmd("stats");
-    std::thread::sleep(Duration::from_millis(150));
-    let b = c.cmd("stats");
-    assert_eq!(b["state"], "running", "{b}");
-    assert!(
-        conversions(&b) > conversions(&a),
-        "conversions stopped: {} -> {}",
-        conversions(&a),
-        conversions(&b)
-    );
-    assert!(exits_total(&b) > exits_total(&a), "exits stopped");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let b = c.cmd("stats");
+        assert_eq!(b["state"], "running", "{b}");
+        if num(&b["uptime_ms"]) > num(&a["uptime_ms"]) {
+            assert!(
+                conversions(&b) > conversions(&a),
+                "conversions stopped: {} -> {}",
+                conversions(&a),
+                conversions(&b)
+            );
+            assert!(exits_total(&b) > exits_total(&a), "exits stopped");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no new snapshot in 3 s: {b}");
+    }
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
@@ -545,9 +552,25 @@ fn a_client_that_stops_reading_is_dropped() {
     let burst = "{\"cmd\":\"stats\"}\n".repeat(requests);
     // The server may drop us while we still write.
     let _ = bad.write_all(burst.as_bytes());
-    std::thread::sleep(Duration::from_millis(1500));
     // Others are served meanwhile.
     assert_alive(&vm.sock);
+    // Wait until the server has dropped us: writing then fails (broken pipe or reset).
+    bad.set_write_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match bad.write(b"{\"cmd\":\"config\"}\n") {
+            Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
+                break
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server kept a client that does not read for 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The bad client got some replies and then the connection was closed.
     bad.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

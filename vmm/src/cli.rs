@@ -106,12 +106,13 @@ enum BenchCommand {
         iters: u64,
     },
     /// Control socket: `stats` round trip while the guest converts at full rate, and the
-    /// conversion rate with and without a client polling `stats`, in alternating phases of
-    /// one VM.
+    /// conversion rate with and without a client polling `stats` (and, as the noise floor,
+    /// `config`), in alternating phases of one VM.
     Api {
-        /// Phase pairs (without and with the poller, in ABBA order).
+        /// Rounds of three phases: no poller, a `stats` poller, a `config` poller (the noise
+        /// floor), in rotating order.
         #[arg(long, default_value_t = 12)]
-        pairs: u32,
+        rounds: u32,
         /// Seconds per phase.
         #[arg(long, default_value_t = 0.5)]
         phase_secs: f64,
@@ -390,7 +391,7 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Bench(BenchCommand::Api {
-            pairs,
+            rounds,
             phase_secs,
             poll_ms,
             mem,
@@ -401,8 +402,9 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(format!("--mem: {e}")),
             };
             let opts = crate::api::bench::ApiBenchOptions {
-                pairs,
-                phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.1, 600.0)),
+                rounds,
+                // Longer than the longest reuse of a stats snapshot (250 ms).
+                phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.3, 600.0)),
                 poll: std::time::Duration::from_millis(poll_ms.max(1)),
                 mem,
                 cmdline,

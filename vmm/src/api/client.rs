@@ -385,7 +385,8 @@ fn watch(
 ) -> Result<(), ClientError> {
     let interval = Duration::from_secs_f64(secs);
     let clear = !opts.json && std::io::stdout().is_terminal();
-    let mut prev: Option<(Instant, StatsView)> = None;
+    // The previous distinct snapshot (replies may reuse one: see `age_ms`).
+    let mut prev: Option<StatsView> = None;
     loop {
         let (raw, view) = match client.stats() {
             Ok(r) => r,
@@ -395,23 +396,21 @@ fn watch(
             }
             Err(e) => return Err(e),
         };
-        let now = Instant::now();
         if opts.json {
             writeln!(out, "{}", raw.line)?;
         } else {
             if clear {
                 out.write_all(b"\x1b[H\x1b[2J")?;
             }
-            let since = prev
-                .as_ref()
-                .map(|(t, v)| (now.duration_since(*t).as_secs_f64(), v));
-            out.write_all(render_table(&view, since).as_bytes())?;
+            out.write_all(render_table(&view, prev.as_ref()).as_bytes())?;
             if !clear {
                 writeln!(out)?;
             }
         }
         out.flush()?;
-        prev = Some((now, view));
+        if prev.as_ref().is_none_or(|p| p.uptime_ms < view.uptime_ms) {
+            prev = Some(view);
+        }
         std::thread::sleep(interval);
     }
 }
@@ -420,16 +419,25 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-/// A readable table of a `stats` reply; with the previous sample (seconds ago, view), rates.
-pub fn render_table(s: &StatsView, prev: Option<(f64, &StatsView)>) -> String {
+/// A readable table of a `stats` reply; with an earlier snapshot, rates.
+pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     use std::fmt::Write as _;
     let m = &s.memconv;
+    // Seconds between the snapshots (none when it is the same one).
+    let prev = prev
+        .filter(|p| p.uptime_ms < s.uptime_ms)
+        .map(|p| ((s.uptime_ms - p.uptime_ms) as f64 / 1e3, p));
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "VM {}: up {:.1} s, {} vCPU{}, {} MiB RAM, granularity {}, stores private={} shared={}",
+        "VM {}: up {:.1} s{}, {} vCPU{}, {} MiB RAM, granularity {}, stores private={} shared={}",
         s.state,
         s.uptime_ms as f64 / 1e3,
+        if s.age_ms > 0 {
+            format!(" (snapshot {} ms old)", s.age_ms)
+        } else {
+            String::new()
+        },
         s.cpus,
         if s.cpus == 1 { "" } else { "s" },
         m.ram_bytes >> 20,
@@ -623,18 +631,26 @@ mod tests {
 
     #[test]
     fn table_renders_with_and_without_rates() {
-        let mut s = StatsView::default();
-        s.state = "running".into();
-        s.cpus = 1;
-        s.exits = vec![[("total".to_string(), 10u64)].into_iter().collect()];
-        s.exits_total = 10;
+        let s = StatsView {
+            state: "running".into(),
+            cpus: 1,
+            exits: vec![[("total".to_string(), 10u64)].into_iter().collect()],
+            exits_total: 10,
+            ..StatsView::default()
+        };
         let first = render_table(&s, None);
+        assert_eq!(
+            render_table(&s, Some(&s)),
+            first,
+            "no rates from one snapshot"
+        );
         assert!(first.contains("VM running"), "{first}");
         assert!(first.contains("guest pool: no report yet"));
         let mut later = s.clone();
         later.memconv.to_shared.k4 = 500;
         later.exits_total = 30;
-        let t = render_table(&later, Some((0.5, &s)));
+        later.uptime_ms = s.uptime_ms + 500;
+        let t = render_table(&later, Some(&s));
         assert!(t.contains("1000"), "{t}");
         assert!(t.contains("exits/s 40"), "{t}");
     }

@@ -526,10 +526,12 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_before_its_samples() {
-        let mut s = StatsView::default();
-        s.exits = vec![[("total".to_string(), 5u64), ("doorbell".to_string(), 2)]
-            .into_iter()
-            .collect()];
+        let mut s = StatsView {
+            exits: vec![[("total".to_string(), 5u64), ("doorbell".to_string(), 2)]
+                .into_iter()
+                .collect()],
+            ..StatsView::default()
+        };
         s.memconv.latency.count = 3;
         s.memconv.latency.mean_ns = 1000;
         s.memconv.latency.buckets = vec![

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::config::VmConfig;
 use crate::vcpu::{ExitCounts, VmEnd};
@@ -646,13 +646,6 @@ pub fn to_line<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> 
     let mut line = serde_json::to_vec(message)?;
     line.push(b'\n');
     Ok(line)
-}
-
-/// A JSON object with one key, for ad-hoc messages.
-pub fn object(key: &str, value: Value) -> Value {
-    let mut map = Map::new();
-    map.insert(key.to_string(), value);
-    Value::Object(map)
 }
 
 #[cfg(test)]

@@ -135,7 +135,8 @@ impl ApiSocket {
             path: path.to_path_buf(),
             source,
         };
-        // The socket is created 0600 (umask), so no other user can connect even briefly.
+        // The socket is created 0600 (umask), so no other user can connect even briefly. The
+        // mask is process-wide: `vmm run` binds before the VM's threads start.
         // SAFETY: umask only swaps the process's file-creation mask.
         let old = unsafe { libc::umask(0o177) };
         let bound = UnixListener::bind(path);
@@ -147,7 +148,7 @@ impl ApiSocket {
             path: path.to_path_buf(),
             identity: None,
         };
-        let meta = std::fs::metadata(path).map_err(bind_err)?;
+        let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
         socket.identity = Some((meta.dev(), meta.ino()));
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         socket.listener.set_nonblocking(true).map_err(bind_err)?;
@@ -390,44 +391,24 @@ impl Server {
     /// than [`Snapshot::reuse_for`] (so that pollers cost the VM at most ~1%).
     fn stats(&mut self) -> StatsReply {
         let now = Instant::now();
-        let reuse = self
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| now.duration_since(s.taken) < s.reuse_for());
-        if !reuse {
-            self.snapshot = Some(self.take_snapshot());
-        }
-        let state = self.state();
-        match &self.snapshot {
-            Some(s) => StatsReply {
-                protocol: PROTOCOL_VERSION,
-                state,
-                uptime_ms: s.uptime_ms,
-                age_ms: s.taken.elapsed().as_millis() as u64,
-                snapshot_us: s.cost.as_micros() as u64,
-                cpus: self.ctx.config.cpus,
-                exits_total: s.exits.iter().map(|e| e.total).sum(),
-                exits: s.exits.clone(),
-                vcpu_pauses: s.vcpu_pauses,
-                memconv: s.memconv.clone(),
-            },
-            // Unreachable (just stored); answer from a fresh one rather than fail.
-            None => {
-                let s = self.take_snapshot();
-                StatsReply {
-                    protocol: PROTOCOL_VERSION,
-                    state,
-                    uptime_ms: s.uptime_ms,
-                    age_ms: 0,
-                    snapshot_us: s.cost.as_micros() as u64,
-                    cpus: self.ctx.config.cpus,
-                    exits_total: s.exits.iter().map(|e| e.total).sum(),
-                    exits: s.exits,
-                    vcpu_pauses: s.vcpu_pauses,
-                    memconv: s.memconv,
-                }
-            }
-        }
+        let snapshot = match self.snapshot.take() {
+            Some(s) if now.duration_since(s.taken) < s.reuse_for() => s,
+            _ => self.take_snapshot(),
+        };
+        let reply = StatsReply {
+            protocol: PROTOCOL_VERSION,
+            state: self.state(),
+            uptime_ms: snapshot.uptime_ms,
+            age_ms: now.saturating_duration_since(snapshot.taken).as_millis() as u64,
+            snapshot_us: snapshot.cost.as_micros() as u64,
+            cpus: self.ctx.config.cpus,
+            exits_total: snapshot.exits.iter().map(|e| e.total).sum(),
+            exits: snapshot.exits.clone(),
+            vcpu_pauses: snapshot.vcpu_pauses,
+            memconv: snapshot.memconv.clone(),
+        };
+        self.snapshot = Some(snapshot);
+        reply
     }
 
     fn take_snapshot(&self) -> Snapshot {
@@ -849,4 +830,61 @@ fn serve_loop(socket: &ApiSocket, ctx: VmContext) -> Result<VmEnd, ServerError> 
         Err(e) => tracing::warn!("control socket: {e}"),
     }
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmm-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn bind_is_private_and_removed_on_drop() {
+        let d = dir("bind");
+        let path = d.join("s");
+        let socket = ApiSocket::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A live socket is not stolen.
+        assert!(matches!(ApiSocket::bind(&path), Err(ServerError::InUse(_))));
+        drop(socket);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_other_files_never() {
+        let d = dir("stale");
+        let path = d.join("s");
+        drop(UnixListener::bind(&path).unwrap());
+        let socket = ApiSocket::bind(&path).expect("a stale socket is replaced");
+        drop(socket);
+        let file = d.join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            ApiSocket::bind(&file),
+            Err(ServerError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn drop_leaves_a_successor_socket_alone() {
+        let d = dir("successor");
+        let path = d.join("s");
+        let socket = ApiSocket::bind(&path).unwrap();
+        // Someone replaced the file (e.g. removed it and bound their own).
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        drop(socket);
+        assert!(path.exists(), "not ours: kept");
+        drop(other);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

@@ -120,10 +120,9 @@ fn trim(v: f64) -> String {
 fn legend(svg: &mut String, i: usize, label: &str) {
     let y = TOP + 10.0 + i as f64 * 20.0;
     let x = WIDTH - RIGHT + 15.0;
-    let _ = write!(
+    let _ = writeln!(
         svg,
-        r#"<rect x="{x}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{}">{}</text>
-"#,
+        r#"<rect x="{x}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{}">{}</text>"#,
         y - 4.0,
         COLORS[i % COLORS.len()],
         x + 20.0,
