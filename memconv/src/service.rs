@@ -4,6 +4,7 @@
 //! exits, answers device access checks and produces statistics (with the kernel-measured
 //! figures). All state lives in one [`Engine`] behind a mutex.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -433,9 +434,9 @@ fn measure(e: &Engine, side: Side, errors: &mut Vec<String>) -> (StoreUsage, Pag
         owned_bytes: owned,
         engine_bound_bytes: bound,
         kernel_bytes,
-        kernel_bytes_source,
+        kernel_bytes_source: Cow::Borrowed(kernel_bytes_source),
         kernel_resident_bytes: resident_bytes,
-        kernel_resident_method: method,
+        kernel_resident_method: Cow::Borrowed(method),
     };
     (usage, resident)
 }

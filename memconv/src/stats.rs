@@ -1,6 +1,10 @@
 //! Counters, the latency histogram, the double-allocation integrator and the serializable
 //! statistics snapshot (with its human-readable table).
 //!
+//! The snapshot types are also `Deserialize` so readers of the JSON (`vmm ctl`, the
+//! `--stats-json` consumers) use them directly: every field defaults when absent, so replies
+//! of older or newer writers (fields are only ever added) still parse.
+//!
 //! # Double allocation
 //!
 //! "Double allocated" = guest pages whose backing is allocated in both stores. The engine
@@ -14,10 +18,11 @@
 //! files themselves (shmem: SEEK_DATA/SEEK_HOLE; guest_memfd: mincore of its mapping; hugetlb:
 //! mincore of the mappings of the file, since SEEK_DATA does not see hugetlbfs holes).
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::abi::{self, PoolReport, HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE, STATUS_COUNT};
 use crate::ram::Granularity;
@@ -242,7 +247,8 @@ impl Counters {
 }
 
 /// Conversions per size class.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct SizeCounts {
     /// Exactly 4 KiB.
     #[serde(rename = "4k")]
@@ -269,18 +275,20 @@ impl SizeCounts {
 }
 
 /// Rejections of one status code.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct RejectCount {
     /// abi status code.
     pub code: u32,
-    /// abi::status_name(code).
-    pub name: &'static str,
+    /// abi::status_name(code) (borrowed when built, owned when deserialized).
+    pub name: Cow<'static, str>,
     /// How many.
     pub count: u64,
 }
 
 /// One histogram bucket.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct LatencyBucket {
     /// Values below this (and at least half of it).
     pub lt_ns: u64,
@@ -289,7 +297,8 @@ pub struct LatencyBucket {
 }
 
 /// Conversion latency summary.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct LatencySnapshot {
     /// Conversions timed.
     pub count: u64,
@@ -305,8 +314,9 @@ pub struct LatencySnapshot {
     pub buckets: Vec<LatencyBucket>,
 }
 
-/// One store's allocation.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+/// One store's allocation. `Default` (for absent fields) says memfd, with no bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct StoreUsage {
     /// The store kind.
     pub kind: StoreKind,
@@ -319,16 +329,31 @@ pub struct StoreUsage {
     /// does not account st_blocks: the mincore residency).
     pub kernel_bytes: u64,
     /// "st_blocks" or "mincore".
-    pub kernel_bytes_source: &'static str,
+    pub kernel_bytes_source: Cow<'static, str>,
     /// Sum of the per-page residency the kernel reports.
     pub kernel_resident_bytes: u64,
     /// How residency was measured: "seek_data" (shmem) or "mincore" (guest_memfd; hugetlb:
     /// the store mapping and the view chunks mapped from it).
-    pub kernel_resident_method: &'static str,
+    pub kernel_resident_method: Cow<'static, str>,
+}
+
+impl Default for StoreUsage {
+    fn default() -> Self {
+        StoreUsage {
+            kind: StoreKind::Memfd,
+            owned_bytes: 0,
+            engine_bound_bytes: 0,
+            kernel_bytes: 0,
+            kernel_bytes_source: Cow::Borrowed(""),
+            kernel_resident_bytes: 0,
+            kernel_resident_method: Cow::Borrowed(""),
+        }
+    }
 }
 
 /// Double allocation, computed and measured.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct DoubleAlloc {
     /// Engine's figure now (upper bound, see module doc).
     pub computed_bytes: u64,
@@ -345,7 +370,8 @@ pub struct DoubleAlloc {
 }
 
 /// The guest's latest pool report, decoded.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct PoolReportSnapshot {
     /// Policy name.
     pub policy: String,
@@ -424,8 +450,10 @@ impl From<&PoolReport> for PoolReportSnapshot {
     }
 }
 
-/// A statistics snapshot (`ConversionService::stats`).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// A statistics snapshot (`ConversionService::stats`). `Default` (for absent fields) is an
+/// empty snapshot of no RAM at 4k granularity.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct StatsSnapshot {
     /// Since the service was created.
     pub uptime_ms: u64,
@@ -489,6 +517,43 @@ pub struct StatsSnapshot {
     pub kernel_query_errors: Vec<String>,
 }
 
+impl Default for StatsSnapshot {
+    fn default() -> Self {
+        StatsSnapshot {
+            uptime_ms: 0,
+            ram_bytes: 0,
+            granularity: Granularity::Page4K,
+            to_shared: SizeCounts::default(),
+            to_private: SizeCounts::default(),
+            pages_converted: 0,
+            noop_pages: 0,
+            rejects: Vec::new(),
+            rejects_total: 0,
+            accept_entries: 0,
+            accepted_units: 0,
+            double_accept_violations: 0,
+            doorbells: 0,
+            mailbox_ranges: 0,
+            ranges_per_exit: 0.0,
+            bad_mailboxes: 0,
+            hypercalls: 0,
+            private_store: StoreUsage::default(),
+            shared_store: StoreUsage::default(),
+            double_alloc: DoubleAlloc::default(),
+            mixed_chunks: 0,
+            mixed_chunks_peak: 0,
+            memslots: 0,
+            memslot_edits: 0,
+            vcpu_pauses: 0,
+            punch_failures: 0,
+            unrecovered_failures: 0,
+            latency: LatencySnapshot::default(),
+            pool_report: None,
+            kernel_query_errors: Vec::new(),
+        }
+    }
+}
+
 /// Inputs to [`StatsSnapshot::build`] that come from outside the counters.
 pub struct SnapshotInputs {
     /// RAM size.
@@ -517,7 +582,7 @@ impl StatsSnapshot {
         let rejects: Vec<RejectCount> = (1..STATUS_COUNT as u32)
             .map(|code| RejectCount {
                 code,
-                name: abi::status_name(code),
+                name: Cow::Borrowed(abi::status_name(code)),
                 count: c.rejects[code as usize],
             })
             .collect();

@@ -329,9 +329,19 @@ fn concurrent_clients_see_live_counters_consistent_with_the_final_summary() {
             last = final_.clone();
         }
     }
+    // The guest reports every 100 ms; on a loaded machine the first report can come later
+    // than the sampling window above, so wait for it (bounded).
+    if !last["memconv"]["pool_report"].is_object() {
+        let mut c = Conn::open(&sock);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !last["memconv"]["pool_report"].is_object() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            last = c.cmd("stats");
+        }
+    }
     assert!(
         last["memconv"]["pool_report"].is_object(),
-        "no guest pool report after 300 ms: {last}"
+        "no guest pool report within 10 s: {last}"
     );
 
     // Shutdown through the CLI: the VM ends cleanly and the summary is written.

@@ -204,7 +204,7 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
     for r in &m.rejects {
         w.sample(
             "memconv_rejects_total",
-            &[("code", r.name.as_str())],
+            &[("code", &r.name)],
             r.count as f64,
         );
     }
@@ -255,7 +255,7 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
         (
             "memconv_store_owned_bytes",
             "Guest memory the attribute bitmap gives to this side.",
-            (|u: &super::protocol::StoreView| u.owned_bytes) as fn(&_) -> u64,
+            (|u: &memconv::stats::StoreUsage| u.owned_bytes) as fn(&_) -> u64,
         ),
         (
             "memconv_store_engine_bound_bytes",
@@ -509,7 +509,7 @@ impl Writer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::protocol::{BucketView, PoolView};
+    use memconv::stats::{LatencyBucket, PoolReportSnapshot};
 
     #[test]
     fn labels_parse_and_escape() {
@@ -535,18 +535,18 @@ mod tests {
         s.memconv.latency.count = 3;
         s.memconv.latency.mean_ns = 1000;
         s.memconv.latency.buckets = vec![
-            BucketView {
+            LatencyBucket {
                 lt_ns: 1024,
                 count: 1,
             },
-            BucketView {
+            LatencyBucket {
                 lt_ns: 2048,
                 count: 2,
             },
         ];
-        s.memconv.pool_report = Some(PoolView {
+        s.memconv.pool_report = Some(PoolReportSnapshot {
             policy: "soak".into(),
-            ..PoolView::default()
+            ..PoolReportSnapshot::default()
         });
         let text = render(&s, &Labels::default());
         let mut typed = std::collections::HashSet::new();

@@ -415,10 +415,11 @@ pub struct Event<T: Serialize> {
     pub data: T,
 }
 
-// ---- The client's view of a `stats` reply: the fields `vmm ctl` shows and exports. Missing
-// fields default (older or newer servers); unknown fields are ignored.
+// ---- The client's view of a `stats` reply: what the VMM adds around memconv's snapshot, which
+// the client reads as memconv's own type. Missing fields default (older or newer servers);
+// unknown fields are ignored.
 
-/// A `stats` reply as `vmm ctl` reads it.
+/// A `stats` reply as `vmm ctl` reads it ([`StatsReply`] with its VMM part loosely typed).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StatsView {
@@ -440,205 +441,8 @@ pub struct StatsView {
     pub vcpu_pauses: u64,
     /// Microseconds the memconv snapshot took.
     pub snapshot_us: u64,
-    /// memconv's snapshot.
-    pub memconv: MemconvView,
-}
-
-/// memconv's snapshot, as `vmm ctl` reads it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MemconvView {
-    /// Since the service started.
-    pub uptime_ms: u64,
-    /// Guest RAM.
-    pub ram_bytes: u64,
-    /// `4k` or `2m`.
-    pub granularity: String,
-    /// Conversions to shared by size class.
-    pub to_shared: SizeView,
-    /// Conversions to private by size class.
-    pub to_private: SizeView,
-    /// Pages whose attribute changed.
-    pub pages_converted: u64,
-    /// Pages already in the requested state.
-    pub noop_pages: u64,
-    /// Rejections per code.
-    pub rejects: Vec<RejectView>,
-    /// All rejections.
-    pub rejects_total: u64,
-    /// ACCEPT entries.
-    pub accept_entries: u64,
-    /// 2 MiB units accepted.
-    pub accepted_units: u64,
-    /// Double-accept attempts.
-    pub double_accept_violations: u64,
-    /// Doorbell exits serviced.
-    pub doorbells: u64,
-    /// Ranges carried by doorbells.
-    pub mailbox_ranges: u64,
-    /// Ranges per doorbell.
-    pub ranges_per_exit: f64,
-    /// Mailboxes rejected whole.
-    pub bad_mailboxes: u64,
-    /// KVM_HC_MAP_GPA_RANGE conversions.
-    pub hypercalls: u64,
-    /// Private store.
-    pub private_store: StoreView,
-    /// Shared store.
-    pub shared_store: StoreView,
-    /// Double allocation.
-    pub double_alloc: DoubleAllocView,
-    /// Mixed 2 MiB chunks now.
-    pub mixed_chunks: u64,
-    /// Peak mixed chunks.
-    pub mixed_chunks_peak: u64,
-    /// Memslots now.
-    pub memslots: u64,
-    /// Memslot edits.
-    pub memslot_edits: u64,
-    /// vCPU pauses memconv asked for.
-    pub vcpu_pauses: u64,
-    /// Failed punches.
-    pub punch_failures: u64,
-    /// Failures not rolled back.
-    pub unrecovered_failures: u64,
-    /// Conversion latency.
-    pub latency: LatencyView,
-    /// The guest's latest pool report.
-    pub pool_report: Option<PoolView>,
-}
-
-/// Conversions per size class.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SizeView {
-    /// Exactly 4 KiB.
-    #[serde(rename = "4k")]
-    pub k4: u64,
-    /// Neither 4 KiB nor 2 MiB multiples.
-    pub sub2m: u64,
-    /// 2 MiB aligned multiples.
-    #[serde(rename = "2m")]
-    pub m2: u64,
-}
-
-impl SizeView {
-    /// All classes.
-    pub fn total(&self) -> u64 {
-        self.k4 + self.sub2m + self.m2
-    }
-}
-
-/// Rejections of one code.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RejectView {
-    /// Status code.
-    pub code: u32,
-    /// Its name.
-    pub name: String,
-    /// How many.
-    pub count: u64,
-}
-
-/// One store's allocation.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StoreView {
-    /// Store kind.
-    pub kind: String,
-    /// Bytes the bitmap gives this side.
-    pub owned_bytes: u64,
-    /// What the engine may have left allocated.
-    pub engine_bound_bytes: u64,
-    /// Bytes the kernel has allocated to the file.
-    pub kernel_bytes: u64,
-    /// Bytes the kernel reports resident.
-    pub kernel_resident_bytes: u64,
-}
-
-/// Double allocation.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DoubleAllocView {
-    /// Engine's figure now.
-    pub computed_bytes: u64,
-    /// Its peak.
-    pub computed_peak_bytes: u64,
-    /// Its integral over time.
-    pub computed_byte_seconds: f64,
-    /// Kernel's figure now.
-    pub kernel_bytes: u64,
-}
-
-/// Conversion latency.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LatencyView {
-    /// Conversions timed.
-    pub count: u64,
-    /// Mean, ns.
-    pub mean_ns: u64,
-    /// Max, ns.
-    pub max_ns: u64,
-    /// Median bucket bound, ns.
-    pub p50_ns_le: u64,
-    /// 99th percentile bucket bound, ns.
-    pub p99_ns_le: u64,
-    /// Non-empty log2 buckets.
-    pub buckets: Vec<BucketView>,
-}
-
-/// A latency bucket: `count` values below `lt_ns` (and at least half of it).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BucketView {
-    /// Exclusive upper bound, ns.
-    pub lt_ns: u64,
-    /// How many.
-    pub count: u64,
-}
-
-/// The guest's latest pool report.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PoolView {
-    /// Policy name.
-    pub policy: String,
-    /// Bytes mapped now.
-    pub used_bytes: u64,
-    /// Peak used.
-    pub high_water_bytes: u64,
-    /// Capacity.
-    pub capacity_bytes: u64,
-    /// Successful maps.
-    pub maps: u64,
-    /// Failed maps.
-    pub map_failures: u64,
-    /// Throttle waits.
-    pub throttle_waits: u64,
-    /// Throttle wait time, ns.
-    pub throttle_wait_ns: u64,
-    /// 4K conversions issued.
-    pub conversions_4k: u64,
-    /// 2M conversions issued.
-    pub conversions_2m: u64,
-    /// Other conversions issued.
-    pub conversions_other: u64,
-    /// Bytes shared now.
-    pub shared_bytes: u64,
-    /// Peak shared.
-    pub shared_peak_bytes: u64,
-    /// Transient buffers.
-    pub transient_maps: u64,
-    /// Growth steps.
-    pub grow_events: u64,
-    /// Shrink steps.
-    pub shrink_events: u64,
-    /// I/O requests.
-    pub io_requests: u64,
-    /// I/O errors.
-    pub io_errors: u64,
+    /// memconv's snapshot, with the guest's latest pool report.
+    pub memconv: memconv::StatsSnapshot,
 }
 
 /// Serializes one message as a line (with its newline).
@@ -745,9 +549,9 @@ mod tests {
             owned_bytes: 1,
             engine_bound_bytes: 2,
             kernel_bytes: 3,
-            kernel_bytes_source: "st_blocks",
+            kernel_bytes_source: "st_blocks".into(),
             kernel_resident_bytes: 4,
-            kernel_resident_method: "seek_data",
+            kernel_resident_method: "seek_data".into(),
         };
         let mut counters = Counters::default();
         counters.latency.record(5000);
@@ -779,7 +583,7 @@ mod tests {
             exits_total: 0,
             vcpu_pauses: 0,
             snapshot_us: 0,
-            memconv: snapshot,
+            memconv: snapshot.clone(),
         };
         let sent = serde_json::to_value(&reply).unwrap();
         let view: StatsView = serde_json::from_value(sent.clone()).unwrap();
@@ -803,11 +607,37 @@ mod tests {
             }
         }
         covered("", &read, &sent);
+        // memconv's part comes back whole, and the client writes it back as the server did.
+        assert_eq!(view.memconv, snapshot);
+        assert_eq!(read["memconv"], sent["memconv"]);
         assert_eq!(view.memconv.latency.count, 1);
         assert_eq!(
             view.memconv.pool_report.map(|p| p.policy),
             Some("soak".into())
         );
         assert!(view.exits[0].contains_key("doorbell"));
+    }
+
+    /// Replies of older servers (fewer fields) still parse; absent fields default.
+    #[test]
+    fn partial_stats_replies_parse() {
+        let view: StatsView = serde_json::from_str(
+            r#"{"state":"paused","memconv":{"granularity":"2m","to_shared":{"4k":3},
+                "rejects":[{"name":"reserved","count":2}],"private_store":{"kind":"hugetlb"},
+                "latency":{"buckets":[{"lt_ns":128}]},"pool_report":{"policy":"p"},
+                "some_future_field":[1]}}"#,
+        )
+        .unwrap();
+        assert_eq!(view.state, "paused");
+        let m = &view.memconv;
+        assert_eq!(m.granularity, memconv::Granularity::Huge2M);
+        assert_eq!((m.to_shared.k4, m.to_shared.total()), (3, 3));
+        assert_eq!((&*m.rejects[0].name, m.rejects[0].count), ("reserved", 2));
+        assert_eq!(m.private_store.kind, memconv::StoreKind::Hugetlb);
+        assert_eq!(m.shared_store, memconv::stats::StoreUsage::default());
+        assert_eq!(m.latency.buckets[0].count, 0);
+        assert_eq!(m.pool_report.as_ref().map(|p| p.maps), Some(0));
+        let empty: StatsView = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.memconv, memconv::StatsSnapshot::default());
     }
 }
