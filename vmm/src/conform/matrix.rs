@@ -27,7 +27,7 @@ pub enum Workload {
     Steady,
     /// Large disk blocks: 64 KiB - 256 KiB requests.
     Large,
-    /// Bursts that overflow a small pool.
+    /// Bursts of 64 requests of 16-256 KiB (up to 16 MiB in flight) over a 4 MiB pool.
     Burst,
     /// A ramp that adds I/O streams over time.
     Ramp,
@@ -69,7 +69,9 @@ impl Workload {
         match self {
             Workload::Steady => "sizes=512-2k qd=8 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
             Workload::Large => "sizes=64k-256k qd=4 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
-            Workload::Burst => "sizes=4k-64k burst=32 rw=50 seconds=1 cpus=1 worker=1 report_ms=20",
+            Workload::Burst => {
+                "sizes=16k-256k burst=64 pool=4M rw=50 seconds=1 cpus=1 worker=1 report_ms=20"
+            }
             Workload::Ramp => "sizes=2k-32k qd=16 rw=50 requests=1500 cpus=2 worker=1 ramp_ms=200",
             Workload::Smp => "sizes=2k-32k qd=16 rw=50 seconds=1 cpus=2 worker=1 report_ms=20",
         }

@@ -307,7 +307,7 @@ pub fn shared_over_time_chart(results: &[CellResult], workload: Workload) -> Opt
     ))
 }
 
-/// Peak shared MiB vs map-failure percentage, one point per policy and workload.
+/// Peak shared MiB vs map-failure percentage, one point per cell that ran (n/a cells left out).
 pub fn footprint_chart(results: &[CellResult]) -> String {
     let mut policies: Vec<&str> = results.iter().map(|r| r.cell.policy.as_str()).collect();
     policies.dedup();
@@ -319,7 +319,7 @@ pub fn footprint_chart(results: &[CellResult]) -> String {
             label: p.to_string(),
             points: results
                 .iter()
-                .filter(|r| r.cell.policy == *p)
+                .filter(|r| r.cell.policy == *p && r.incompatible.is_none())
                 .map(|r| {
                     let m = &r.metrics;
                     let attempts = (m.maps + m.map_failures).max(1);
