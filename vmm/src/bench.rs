@@ -229,7 +229,8 @@ pub fn io(secs: u64) -> Result<String, BenchError> {
     let _ = writeln!(
         out,
         "io: 1 vCPU, 512 MiB, 256 MiB disk, {secs} s per figure; 4k = random reads qd=32 (memfd/memfd), \
-         64k = reads qd=32 (hugetlb/hugetlb) vs memcpy of 64 KiB in the same guest"
+         64k = reads qd=32 (hugetlb/hugetlb) vs memcpy of 64 KiB in the same guest from a \
+         128 MiB source (the disk region's size) into the request buffers"
     );
     let _ = writeln!(
         out,
