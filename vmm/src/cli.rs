@@ -87,8 +87,6 @@ enum CtlSubcommand {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
-    /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
-    /// natively vs in the instruction emulator.
     /// The DMA device per pool policy: 4 KiB random-read IOPS at queue depth 32, 64 KiB
     /// bandwidth next to memcpy of the same size, pool footprint, conversions, double
     /// allocation.
@@ -97,6 +95,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         secs: u64,
     },
+    /// Pool map+unmap operations per second inside the VM, per policy and vCPU count (the
+    /// host-side twin: `cargo run --release -p swiotlb --features host --example bench_host`
+    /// in guest-fixtures/).
+    Pool {
+        /// Milliseconds per measurement.
+        #[arg(long, default_value_t = 500)]
+        ms: u64,
+        /// Mapping size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        size: u64,
+    },
+    /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
+    /// natively vs in the instruction emulator.
     Boot {
         /// Boots to time.
         #[arg(long, default_value_t = 20)]
@@ -377,6 +388,13 @@ pub fn main() -> ExitCode {
         Command::Fixtures => cmd_fixtures(),
         Command::Conform(args) => cmd_conform(&args),
         Command::Bench(BenchCommand::Io { secs }) => match bench::io(secs) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Bench(BenchCommand::Pool { ms, size }) => match bench::pool(ms, size) {
             Ok(report) => {
                 print!("{report}");
                 ExitCode::SUCCESS
