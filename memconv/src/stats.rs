@@ -577,6 +577,21 @@ pub struct SnapshotInputs {
 }
 
 impl StatsSnapshot {
+    /// The non-zero rejects by reason, as ` (name=count, ...)`, or empty when there are none.
+    pub fn rejects_by_reason(&self) -> String {
+        let rejects: Vec<String> = self
+            .rejects
+            .iter()
+            .filter(|r| r.count > 0)
+            .map(|r| format!("{}={}", r.name, r.count))
+            .collect();
+        if rejects.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", rejects.join(", "))
+        }
+    }
+
     /// Assemble a snapshot.
     pub fn build(c: &mut Counters, inp: SnapshotInputs) -> StatsSnapshot {
         let rejects: Vec<RejectCount> = (1..STATUS_COUNT as u32)
@@ -678,21 +693,11 @@ impl StatsSnapshot {
             "  doorbells {} carrying {} ranges ({:.2} ranges/exit), hypercalls {}, bad mailboxes {}",
             self.doorbells, self.mailbox_ranges, self.ranges_per_exit, self.hypercalls, self.bad_mailboxes
         );
-        let rej: Vec<String> = self
-            .rejects
-            .iter()
-            .filter(|r| r.count > 0)
-            .map(|r| format!("{}={}", r.name, r.count))
-            .collect();
         let _ = writeln!(
             s,
             "  rejects {}{}",
             self.rejects_total,
-            if rej.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", rej.join(", "))
-            }
+            self.rejects_by_reason()
         );
         let _ = writeln!(
             s,

@@ -486,21 +486,11 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
         m.ranges_per_exit,
         m.hypercalls
     );
-    let rejects: Vec<String> = m
-        .rejects
-        .iter()
-        .filter(|r| r.count > 0)
-        .map(|r| format!("{}={}", r.name, r.count))
-        .collect();
     let _ = writeln!(
         o,
         "rejects {}{}, accepts {} ({} units), double-accept violations {}",
         m.rejects_total,
-        if rejects.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", rejects.join(", "))
-        },
+        m.rejects_by_reason(),
         m.accept_entries,
         m.accepted_units,
         m.double_accept_violations
