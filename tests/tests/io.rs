@@ -200,39 +200,23 @@ fn broken_driver_is_refused_and_counted() {
 fn disk_errors_are_clear() {
     let dir = scratch("io-disk-errors");
     let missing = dir.join("missing.img");
-    let o = vmm_run(&[
-        "--guest",
-        "hello",
-        "--mem",
-        "64M",
-        "--disk",
-        missing.to_str().unwrap(),
-    ]);
-    assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("give --disk-size"), "{}", stderr(&o));
-    let o = vmm_run(&[
-        "--guest",
-        "hello",
-        "--mem",
-        "64M",
-        "--disk",
-        missing.to_str().unwrap(),
-        "--disk-size",
-        "1000",
-    ]);
-    assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("multiple of 512"), "{}", stderr(&o));
-    let o = vmm_run(&[
-        "--guest",
-        "hello",
-        "--mem",
-        "64M",
-        "--disk",
-        dir.to_str().unwrap(),
-    ]);
-    assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
-    let o = vmm_run(&["--guest", "hello", "--mem", "64M", "--disk-size", "8M"]);
-    assert_eq!(code(&o), 2, "--disk-size needs --disk");
+    let missing = missing.to_str().unwrap();
+    // Each case: extra `vmm run` flags, and what the one-line error must say.
+    let cases: [(&[&str], &str); 4] = [
+        (&["--disk", missing], "give --disk-size"),
+        (
+            &["--disk", missing, "--disk-size", "1000"],
+            "multiple of 512",
+        ),
+        (&["--disk", dir.to_str().unwrap()], "is a directory"),
+        (&["--disk-size", "8M"], ""),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["--guest", "hello", "--mem", "64M"];
+        args.extend_from_slice(flags);
+        let o = vmm_run(&args);
+        assert_eq!(code(&o), 2, "{flags:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{flags:?}: {}", stderr(&o));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
