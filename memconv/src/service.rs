@@ -288,18 +288,22 @@ impl ConversionService {
 
     /// Service vCPU `cpu`'s mailbox (it rang the doorbell).
     pub fn service_mailbox(&self, cpu: u32) -> MailboxOutcome {
-        let mut e = self.lock();
-        e.counters.doorbells += 1;
         if cpu >= self.cfg.cpus {
+            let mut e = self.lock();
+            e.counters.doorbells += 1;
             e.counters.bad_mailboxes += 1;
             e.counters.reject(abi::ERR_BAD_REQUEST);
             return MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST);
         }
         let off = MAILBOX_BASE_GPA + cpu as u64 * PAGE_SIZE;
         let ptr = (self.shared_base + off as usize) as *mut u8;
+        // Copy the untrusted page before taking the engine lock: other vCPUs' conversions do
+        // not wait for this vCPU's 4 KiB copy.
         // SAFETY: the mailbox chunk lies inside the shared store mapping (size >= MIN_RAM), is
         // page aligned and stays mapped while the service lives.
         let snap = unsafe { Snapshot::read(ptr) };
+        let mut e = self.lock();
+        e.counters.doorbells += 1;
         let req = match snap.decode() {
             Ok(r) => r,
             Err(err) => {
