@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use vm_superio::{Serial, Trigger};
 
+use crate::devices::bus::{BusDevice, BusEffect};
+
 /// Errors of the serial console.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
@@ -110,6 +112,26 @@ impl Console {
     pub fn flush(&self) {
         let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let _ = serial.writer_mut().flush();
+    }
+}
+
+/// On the bus: UART register `offset`; a write sends its first byte, a read returns the
+/// register in the first byte and zeros after it.
+impl BusDevice for Console {
+    fn read(&self, _cpu: u32, offset: u64, data: &mut [u8]) -> bool {
+        let value = Console::read(self, offset as u8);
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = value;
+        }
+        true
+    }
+
+    fn write(&self, _cpu: u32, offset: u64, data: &[u8]) -> BusEffect {
+        if let Some(byte) = data.first() {
+            Console::write(self, offset as u8, *byte);
+        }
+        BusEffect::None
     }
 }
 

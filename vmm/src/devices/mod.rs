@@ -1,17 +1,22 @@
-//! Devices in the guest's MMIO window (`abi::MMIO_BASE_GPA`): the bus that routes a vCPU's
-//! MMIO exit to the device owning the address, the shared-only DMA view every device uses
-//! ([`DmaMemory`]: check with memconv first, then touch the shared store), and the set of
-//! devices a VM was started with ([`Devices`]).
+//! Devices: the [`bus`] that routes a vCPU's port and MMIO exits to the device owning the
+//! address, the shared-only DMA view every device uses ([`DmaMemory`]: check with memconv
+//! first, then touch the shared store), and the set of devices in the guest's MMIO window
+//! (`abi::MMIO_BASE_GPA`) a VM was started with ([`Devices`]).
 //!
-//! Devices: [`virtio_blk`] (a virtio block device over the virtio-mmio transport in [`mmio`],
-//! backed by a raw disk image, its queues served by a polling thread).
+//! Devices: the memconv [`doorbell`] port, and [`virtio_blk`] (a virtio block device over the
+//! virtio-mmio transport in [`mmio`], backed by a raw disk image, its queues served by a
+//! polling thread). The serial console is `crate::serial`.
 
+pub mod bus;
+pub mod doorbell;
 pub mod mmio;
 pub mod virtio_blk;
 
 use std::sync::Arc;
 
 use memconv::abi::{self, DeviceInfo};
+
+use bus::{Bus, BusError, DeviceKind, Space};
 use memconv::{AccessError, ConversionService};
 use vm_memory::GuestMemoryMmap;
 
@@ -78,31 +83,17 @@ impl Devices {
             .collect()
     }
 
-    fn route(&self, addr: u64) -> Option<(&BlockDevice, u64)> {
-        let blk = self.blk.as_deref()?;
-        let off = addr.checked_sub(abi::MMIO_BASE_GPA)?;
-        (off < DEVICE_WINDOW).then_some((blk, off))
-    }
-
-    /// A vCPU read `data.len()` bytes at `addr`; false if no device owns it.
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.route(addr) {
-            Some((dev, off)) => {
-                dev.mmio_read(off, data);
-                true
-            }
-            None => false,
+    /// Puts the devices' register windows on `bus`.
+    pub fn attach(&self, bus: &mut Bus) -> Result<(), BusError> {
+        if let Some(blk) = &self.blk {
+            bus.insert(
+                Space::Mmio,
+                abi::MMIO_BASE_GPA,
+                DEVICE_WINDOW,
+                DeviceKind::Virtio,
+                blk.clone(),
+            )?;
         }
-    }
-
-    /// A vCPU wrote `data` at `addr`; false if no device owns it.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.route(addr) {
-            Some((dev, off)) => {
-                dev.mmio_write(off, data);
-                true
-            }
-            None => false,
-        }
+        Ok(())
     }
 }

@@ -42,6 +42,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::bus::{BusDevice, BusEffect};
 use super::mmio::{self, Event, MmioTransport};
 use super::DmaMemory;
 
@@ -910,6 +911,18 @@ impl BlockDevice {
             tracing::debug!("virtio-blk: refused buffer {gpa:#x}+{len:#x}: {e}");
             ReqFail::Violation
         })
+    }
+}
+
+impl BusDevice for BlockDevice {
+    fn read(&self, _cpu: u32, offset: u64, data: &mut [u8]) -> bool {
+        self.mmio_read(offset, data);
+        true
+    }
+
+    fn write(&self, _cpu: u32, offset: u64, data: &[u8]) -> BusEffect {
+        self.mmio_write(offset, data);
+        BusEffect::None
     }
 }
 

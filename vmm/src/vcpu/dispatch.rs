@@ -1,0 +1,117 @@
+//! Exit dispatch: one KVM exit becomes device calls through the bus (ports and MMIO alike),
+//! a hypercall, or a crash, counted by reason, and an [`ExitAction`] for the run loop.
+
+use kvm_ioctls::VcpuExit;
+
+use super::end::VmEnd;
+use super::hypercall::handle_hypercall;
+use super::shared::VmShared;
+use super::telemetry::ExitCounts;
+use crate::devices::bus::{BusEffect, DeviceKind, Space};
+
+/// What an exit asks of the run loop.
+#[derive(Debug)]
+pub enum ExitAction {
+    /// Enter the guest again.
+    Resume,
+    /// The vCPU executed HLT.
+    Halt,
+    /// The VM ends.
+    End(VmEnd),
+    /// The vCPU crashed; the loop adds the register dump.
+    Crash(String),
+}
+
+fn count_kind(counts: &mut ExitCounts, kind: DeviceKind) {
+    match kind {
+        DeviceKind::Serial => counts.serial += 1,
+        DeviceKind::Doorbell => counts.doorbell += 1,
+        DeviceKind::Virtio | DeviceKind::Other => {}
+    }
+}
+
+/// Handles one exit of vCPU `cpu`, counting it in `counts`.
+pub fn dispatch(
+    shared: &VmShared,
+    cpu: u32,
+    counts: &mut ExitCounts,
+    exit: VcpuExit<'_>,
+) -> ExitAction {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            counts.io_out += 1;
+            match shared.bus.write(Space::Pio, cpu, port.into(), data) {
+                Some((kind, effect)) => {
+                    count_kind(counts, kind);
+                    match effect {
+                        BusEffect::GuestExit(code) => {
+                            ExitAction::End(VmEnd::GuestExit { cpu, code })
+                        }
+                        BusEffect::PoolReport(report) => {
+                            shared.telemetry.note_pool_report(&report);
+                            ExitAction::Resume
+                        }
+                        BusEffect::None => ExitAction::Resume,
+                    }
+                }
+                None => {
+                    counts.unknown_port += 1;
+                    shared.telemetry.note_unknown_port(port);
+                    ExitAction::Resume
+                }
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            counts.io_in += 1;
+            match shared.bus.read(Space::Pio, cpu, port.into(), data) {
+                Some(kind) => count_kind(counts, kind),
+                None => {
+                    counts.unknown_port += 1;
+                    shared.telemetry.note_unknown_port(port);
+                    data.fill(0xff);
+                }
+            }
+            ExitAction::Resume
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            counts.mmio += 1;
+            if shared.bus.read(Space::Mmio, cpu, addr, data).is_none() {
+                counts.unknown_mmio += 1;
+                data.fill(0xff);
+            }
+            ExitAction::Resume
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            counts.mmio += 1;
+            if shared.bus.write(Space::Mmio, cpu, addr, data).is_none() {
+                counts.unknown_mmio += 1;
+            }
+            ExitAction::Resume
+        }
+        VcpuExit::Hlt => {
+            counts.hlt += 1;
+            ExitAction::Halt
+        }
+        VcpuExit::Hypercall(h) => {
+            counts.hypercall += 1;
+            handle_hypercall(&shared.memconv, h);
+            ExitAction::Resume
+        }
+        VcpuExit::Intr => {
+            counts.interrupted += 1;
+            ExitAction::Resume
+        }
+        VcpuExit::Shutdown => ExitAction::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::InternalError => {
+            ExitAction::Crash("KVM internal error (emulation failure)".into())
+        }
+        VcpuExit::FailEntry(reason, hw_cpu) => ExitAction::Crash(format!(
+            "VM entry failed: hardware reason {reason:#x} on host cpu {hw_cpu}"
+        )),
+        VcpuExit::SystemEvent(kind, _) => ExitAction::Crash(format!("system event {kind}")),
+        other => {
+            counts.other += 1;
+            ExitAction::Crash(format!("unhandled exit {other:?}"))
+        }
+    }
+}
