@@ -8,6 +8,7 @@
 //! polling thread). The serial console is `crate::serial`.
 
 pub mod bus;
+pub mod dma;
 pub mod doorbell;
 pub mod mmio;
 pub mod virtio_blk;
@@ -17,38 +18,14 @@ use std::sync::Arc;
 use memconv::abi::{self, DeviceInfo};
 
 use bus::{Bus, BusError, DeviceKind, Space};
-use memconv::{AccessError, ConversionService};
-use vm_memory::GuestMemoryMmap;
 
+pub use dma::DmaMemory;
 pub use virtio_blk::{BlkConfig, BlkStats, BlockDevice, Disk, DiskError};
 
 /// Size of one device's register window in the MMIO window.
 pub const DEVICE_WINDOW: u64 = 0x1000;
 
-/// Guest memory as a device may see it: only pages the guest has shared.
-///
-/// Every access a device makes to guest memory is preceded by `check_shared` on exactly the
-/// bytes it touches, and then goes through `memory()` (the shared store). A guest that
-/// converts a page between the check and the access only ever exposes shared-store content
-/// (never private data) to the device.
-pub trait DmaMemory: Send + Sync {
-    /// Ok only if every byte of `[gpa, gpa + len)` is guest RAM and shared.
-    fn check_shared(&self, gpa: u64, len: u64) -> Result<(), AccessError>;
-    /// The shared store, GPA 0..RAM size.
-    fn memory(&self) -> &GuestMemoryMmap<()>;
-}
-
-impl DmaMemory for ConversionService {
-    fn check_shared(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        ConversionService::check_shared(self, gpa, len)
-    }
-
-    fn memory(&self) -> &GuestMemoryMmap<()> {
-        self.shared_memory()
-    }
-}
-
-/// The devices of one VM and the MMIO routing to them.
+/// The devices of one VM's MMIO window.
 #[derive(Default)]
 pub struct Devices {
     blk: Option<Arc<BlockDevice>>,

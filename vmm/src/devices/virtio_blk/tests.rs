@@ -2,9 +2,13 @@
 //! shared-only rule, hostile chains and rings, and the sleep announcement.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use memconv::AccessError;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::devices::mmio::{reg, status};
@@ -160,7 +164,7 @@ impl Rig {
     }
 
     fn round(&self) -> usize {
-        self.dev.service_round().0
+        self.dev.core.service_round().0
     }
 
     fn needs_reset(&self) -> bool {
@@ -316,7 +320,7 @@ fn sleep_is_announced_through_avail_event() {
     r.request(0, VIRTIO_BLK_T_OUT, 0, DATA, 512);
     r.round();
     // Nothing pending: avail_event = next available index (1).
-    assert!(!r.dev.prepare_sleep());
+    assert!(!r.dev.core.prepare_sleep());
     let avail_event: u16 = r
         .m()
         .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
@@ -324,16 +328,16 @@ fn sleep_is_announced_through_avail_event() {
     assert_eq!(avail_event, 1);
     // Work published before the check: no sleep.
     r.request(1, VIRTIO_BLK_T_OUT, 0, DATA, 512);
-    assert!(r.dev.prepare_sleep());
+    assert!(r.dev.core.prepare_sleep());
 }
 
 #[test]
 fn sleep_without_event_idx_uses_used_flags() {
     let r = rig("flags", false);
-    assert!(!r.dev.prepare_sleep());
+    assert!(!r.dev.core.prepare_sleep());
     let flags: u16 = r.m().read_obj(GuestAddress(USED)).unwrap();
     assert_eq!(flags, 0);
-    r.dev.after_wake();
+    r.dev.core.after_wake();
     let flags: u16 = r.m().read_obj(GuestAddress(USED)).unwrap();
     assert_eq!(flags, 1, "VRING_USED_F_NO_NOTIFY while polling");
 }

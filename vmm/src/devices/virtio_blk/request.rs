@@ -1,0 +1,241 @@
+//! Request execution: walking a descriptor chain, checking that every byte it touches is
+//! shared before anything moves, executing IN, OUT, FLUSH and GET_ID against the disk, and
+//! writing the status byte.
+//!
+//! The device never panics on guest input. A request whose descriptors or buffers touch a
+//! page that is not shared (or not RAM) is completed with VIRTIO_BLK_S_IOERR and counted as
+//! a *violation* (no byte of it is transferred; if the status byte itself is not shared,
+//! nothing is written and the used length is 0). Other bad requests (malformed chains,
+//! indirect descriptors, which are not offered, out-of-range sectors, huge lengths, I/O
+//! errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*.
+
+use std::io;
+use std::sync::atomic::{fence, Ordering};
+
+use super::disk::{Disk, SECTOR_SIZE};
+use super::guest::GuestAccess;
+use super::stats::{bump, Counters};
+
+/// Request type: read.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Flush.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Device id string.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Status: done.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: failed.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: request type not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// The id string GET_ID returns (at most 20 bytes, NUL padded).
+pub const BLK_ID: &[u8] = b"memconv-vmm-blk";
+/// Bytes of a request header (type, reserved, sector).
+pub const REQ_HEADER_LEN: u64 = 16;
+/// Largest data transfer of one request (larger ones fail with IOERR).
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
+/// Why a request failed.
+enum ReqFail {
+    /// Touches memory that is not shared: IOERR + violation.
+    Violation,
+    /// Anything else: IOERR + error.
+    Error,
+}
+
+/// One descriptor of a chain.
+#[derive(Clone, Copy)]
+pub struct Seg {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+/// What executing requests needs: guest memory, the disk, the counters.
+pub struct Requests<'a> {
+    /// Guest memory.
+    pub guest: &'a GuestAccess,
+    /// The disk image.
+    pub disk: &'a Disk,
+    /// The device's counters.
+    pub counters: &'a Counters,
+}
+
+impl Requests<'_> {
+    /// Walks the chain at `head` into `segs`; Err on malformed chains.
+    fn walk(&self, segs: &mut Vec<Seg>, desc_table: u64, size: u16, head: u16) -> Result<(), ()> {
+        segs.clear();
+        let mut idx = head;
+        loop {
+            if idx >= size || segs.len() >= usize::from(size) {
+                return Err(());
+            }
+            // The whole descriptor table was checked shared for this round.
+            let d = self.guest.descriptor(desc_table, idx).map_err(|_| ())?;
+            if d.refers_to_indirect_table() {
+                return Err(());
+            }
+            segs.push(Seg {
+                addr: d.addr().0,
+                len: d.len(),
+                write: d.is_write_only(),
+            });
+            if !d.has_next() {
+                return Ok(());
+            }
+            idx = d.next();
+        }
+    }
+
+    /// Processes the request at `head` (`segs` is scratch space); returns the used length
+    /// (bytes written into the chain).
+    pub fn process(&self, segs: &mut Vec<Seg>, desc_table: u64, size: u16, head: u16) -> u32 {
+        let walked = self.walk(segs, desc_table, size, head);
+        // The status byte: the last descriptor, device-writable, at least one byte.
+        let status_at = match segs.last() {
+            Some(s) if s.write && s.len >= 1 && segs.len() >= 2 => Some(s.addr),
+            _ => None,
+        };
+        let result = match (walked, status_at) {
+            (Ok(()), Some(_)) => self.execute(segs),
+            _ => Err(ReqFail::Error),
+        };
+        let (status, data_len) = match result {
+            Ok((st, n)) => (st, n),
+            Err(ReqFail::Violation) => {
+                bump(&self.counters.violations, 1);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Err(ReqFail::Error) => {
+                bump(&self.counters.errors, 1);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        };
+        let Some(status_gpa) = status_at else {
+            return 0;
+        };
+        if self.guest.check_shared(status_gpa, 1).is_err() {
+            // A status byte that is not shared is never written (the request is already
+            // counted: as a violation by `execute`, or as an error for a malformed chain).
+            return 0;
+        }
+        if self.guest.write(status_gpa, &[status]).is_err() {
+            return 0;
+        }
+        data_len.saturating_add(1)
+    }
+
+    /// Executes a well-formed chain: Ok((status, bytes written to the guest)).
+    fn execute(&self, segs: &[Seg]) -> Result<(u8, u32), ReqFail> {
+        let (header, rest) = segs.split_first().ok_or(ReqFail::Error)?;
+        let (status, data) = rest.split_last().ok_or(ReqFail::Error)?;
+        if header.write || u64::from(header.len) < REQ_HEADER_LEN {
+            return Err(ReqFail::Error);
+        }
+        // Every byte the request touches must be shared, before anything moves.
+        self.shared(header.addr, REQ_HEADER_LEN)?;
+        self.shared(status.addr, 1)?;
+        for s in data {
+            self.shared(s.addr, u64::from(s.len))?;
+        }
+        let mut hdr = [0u8; 16];
+        self.guest
+            .read(header.addr, &mut hdr)
+            .map_err(|_| ReqFail::Error)?;
+        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        let total: u64 = data.iter().map(|s| u64::from(s.len)).sum();
+        match req_type {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let write_to_guest = req_type == VIRTIO_BLK_T_IN;
+                if data.iter().any(|s| s.write != write_to_guest)
+                    || !total.is_multiple_of(SECTOR_SIZE)
+                    || total > MAX_REQUEST_BYTES
+                {
+                    return Err(ReqFail::Error);
+                }
+                let start = sector.checked_mul(SECTOR_SIZE).ok_or(ReqFail::Error)?;
+                match start.checked_add(total) {
+                    Some(end) if end <= self.disk.len() => {}
+                    _ => return Err(ReqFail::Error),
+                }
+                let mut off = start;
+                for s in data {
+                    self.transfer(s, off, write_to_guest).map_err(|e| {
+                        tracing::debug!("virtio-blk: I/O at {off:#x} failed: {e}");
+                        ReqFail::Error
+                    })?;
+                    off += u64::from(s.len);
+                }
+                if write_to_guest {
+                    bump(&self.counters.reads, 1);
+                    bump(&self.counters.bytes_read, total);
+                    Ok((VIRTIO_BLK_S_OK, total as u32))
+                } else {
+                    bump(&self.counters.writes, 1);
+                    bump(&self.counters.bytes_written, total);
+                    Ok((VIRTIO_BLK_S_OK, 0))
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                self.disk.flush().map_err(|_| ReqFail::Error)?;
+                bump(&self.counters.flushes, 1);
+                Ok((VIRTIO_BLK_S_OK, 0))
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let Some(out) = data.first().filter(|s| s.write) else {
+                    return Err(ReqFail::Error);
+                };
+                let mut id = [0u8; 20];
+                id[..BLK_ID.len()].copy_from_slice(BLK_ID);
+                let n = (out.len as usize).min(id.len());
+                self.guest
+                    .write(out.addr, &id[..n])
+                    .map_err(|_| ReqFail::Error)?;
+                bump(&self.counters.get_ids, 1);
+                Ok((VIRTIO_BLK_S_OK, n as u32))
+            }
+            _ => {
+                bump(&self.counters.unsupported, 1);
+                Ok((VIRTIO_BLK_S_UNSUPP, 0))
+            }
+        }
+    }
+
+    fn shared(&self, gpa: u64, len: u64) -> Result<(), ReqFail> {
+        self.guest.check_shared(gpa, len).map_err(|e| {
+            tracing::debug!("virtio-blk: refused buffer {gpa:#x}+{len:#x}: {e}");
+            ReqFail::Violation
+        })
+    }
+
+    /// Moves `seg.len` bytes between the disk at `off` and guest memory (already checked).
+    fn transfer(&self, seg: &Seg, off: u64, to_guest: bool) -> io::Result<()> {
+        let len = seg.len as usize;
+        if len == 0 {
+            return Ok(());
+        }
+        let in_disk = off
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.disk.len());
+        if !in_disk {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let slice = self
+            .guest
+            .slice(seg.addr, len)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if to_guest {
+            self.disk.read_into(off, &slice)?;
+        } else {
+            self.disk.write_from(off, &slice)?;
+        }
+        fence(Ordering::Release);
+        Ok(())
+    }
+}
