@@ -23,9 +23,13 @@ pub enum BootError {
          {base:#x}..{ram:#x} (raise --mem or link the guest at {base:#x})"
     )]
     DoesNotFit {
+        /// Segment start.
         start: u64,
+        /// Segment end.
         end: u64,
+        /// Lowest address a segment may use (the image base).
         base: u64,
+        /// RAM size.
         ram: u64,
     },
     /// linux-loader refused the image.
@@ -34,7 +38,9 @@ pub enum BootError {
     /// Writing guest memory failed.
     #[error("writing guest memory at {gpa:#x} failed: {source}")]
     Memory {
+        /// Where the write went.
         gpa: u64,
+        /// What failed.
         source: vm_memory::GuestMemoryError,
     },
 }

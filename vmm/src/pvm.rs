@@ -36,7 +36,12 @@ pub enum PvmError {
     MsrList(String),
     /// KVM_SET_MSRS failed or wrote nothing.
     #[error("enabling native mode on vCPU {cpu} failed: {reason}")]
-    Enable { cpu: u32, reason: String },
+    Enable {
+        /// The vCPU.
+        cpu: u32,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// What kind of KVM host this is.

@@ -16,7 +16,12 @@ use crate::devices::bus::{BusDevice, BusEffect};
 pub enum SerialError {
     /// The --serial file could not be created.
     #[error("cannot create serial output file {path}: {source}")]
-    Create { path: String, source: io::Error },
+    Create {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: io::Error,
+    },
 }
 
 /// The guest has no interrupt controller: transmit-ready interrupts go nowhere.

@@ -28,8 +28,11 @@ pub enum VmError {
     /// KVM_CREATE_VCPU or a vCPU setup ioctl failed.
     #[error("setting up vCPU {cpu} failed ({what}): {source}")]
     Vcpu {
+        /// The vCPU.
         cpu: u32,
+        /// The ioctl.
         what: &'static str,
+        /// What failed.
         source: kvm_ioctls::Error,
     },
 }
