@@ -30,6 +30,58 @@ fn count_kind(counts: &mut ExitCounts, kind: DeviceKind) {
     }
 }
 
+/// An access no device owns: counted (ports also by number).
+fn unowned(shared: &VmShared, counts: &mut ExitCounts, space: Space, addr: u64) {
+    match space {
+        Space::Pio => {
+            counts.unknown_port += 1;
+            shared.telemetry.note_unknown_port(addr as u16);
+        }
+        Space::Mmio => counts.unknown_mmio += 1,
+    }
+}
+
+/// A read routed through the bus; unowned addresses read all-ones.
+fn bus_read(
+    shared: &VmShared,
+    cpu: u32,
+    counts: &mut ExitCounts,
+    (space, addr): (Space, u64),
+    data: &mut [u8],
+) -> ExitAction {
+    match shared.bus.read(space, cpu, addr, data) {
+        Some(kind) => count_kind(counts, kind),
+        None => {
+            unowned(shared, counts, space, addr);
+            data.fill(0xff);
+        }
+    }
+    ExitAction::Resume
+}
+
+/// A write routed through the bus, and what the owning device asks.
+fn bus_write(
+    shared: &VmShared,
+    cpu: u32,
+    counts: &mut ExitCounts,
+    (space, addr): (Space, u64),
+    data: &[u8],
+) -> ExitAction {
+    let Some((kind, effect)) = shared.bus.write(space, cpu, addr, data) else {
+        unowned(shared, counts, space, addr);
+        return ExitAction::Resume;
+    };
+    count_kind(counts, kind);
+    match effect {
+        BusEffect::GuestExit(code) => ExitAction::End(VmEnd::GuestExit { cpu, code }),
+        BusEffect::PoolReport(report) => {
+            shared.telemetry.note_pool_report(&report);
+            ExitAction::Resume
+        }
+        BusEffect::None => ExitAction::Resume,
+    }
+}
+
 /// Handles one exit of vCPU `cpu`, counting it in `counts`.
 pub fn dispatch(
     shared: &VmShared,
@@ -40,53 +92,19 @@ pub fn dispatch(
     match exit {
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
-            match shared.bus.write(Space::Pio, cpu, port.into(), data) {
-                Some((kind, effect)) => {
-                    count_kind(counts, kind);
-                    match effect {
-                        BusEffect::GuestExit(code) => {
-                            ExitAction::End(VmEnd::GuestExit { cpu, code })
-                        }
-                        BusEffect::PoolReport(report) => {
-                            shared.telemetry.note_pool_report(&report);
-                            ExitAction::Resume
-                        }
-                        BusEffect::None => ExitAction::Resume,
-                    }
-                }
-                None => {
-                    counts.unknown_port += 1;
-                    shared.telemetry.note_unknown_port(port);
-                    ExitAction::Resume
-                }
-            }
+            bus_write(shared, cpu, counts, (Space::Pio, port.into()), data)
         }
         VcpuExit::IoIn(port, data) => {
             counts.io_in += 1;
-            match shared.bus.read(Space::Pio, cpu, port.into(), data) {
-                Some(kind) => count_kind(counts, kind),
-                None => {
-                    counts.unknown_port += 1;
-                    shared.telemetry.note_unknown_port(port);
-                    data.fill(0xff);
-                }
-            }
-            ExitAction::Resume
+            bus_read(shared, cpu, counts, (Space::Pio, port.into()), data)
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.mmio += 1;
-            if shared.bus.read(Space::Mmio, cpu, addr, data).is_none() {
-                counts.unknown_mmio += 1;
-                data.fill(0xff);
-            }
-            ExitAction::Resume
+            bus_read(shared, cpu, counts, (Space::Mmio, addr), data)
         }
         VcpuExit::MmioWrite(addr, data) => {
             counts.mmio += 1;
-            if shared.bus.write(Space::Mmio, cpu, addr, data).is_none() {
-                counts.unknown_mmio += 1;
-            }
-            ExitAction::Resume
+            bus_write(shared, cpu, counts, (Space::Mmio, addr), data)
         }
         VcpuExit::Hlt => {
             counts.hlt += 1;

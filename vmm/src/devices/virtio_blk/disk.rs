@@ -189,43 +189,41 @@ impl Disk {
         &self.path
     }
 
-    /// The image bytes at `off..off + len`, if they lie inside the image.
-    fn at(&self, off: u64, len: usize) -> io::Result<*mut u8> {
+    /// Copies between the image at `off` and `guest` (a guest buffer the caller checked
+    /// shared), into the guest if `to_guest`.
+    fn copy(&self, off: u64, guest: &VolatileSlice<'_>, to_guest: bool) -> io::Result<()> {
+        let len = guest.len();
+        if len == 0 {
+            return Ok(());
+        }
         let inside = off
             .checked_add(len as u64)
             .is_some_and(|end| end <= self.len);
         if !inside {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: `off < len` of our mapping (checked above), so the result stays inside it.
-        Ok(unsafe { self.map.add(off as usize) })
+        let guard = guest.ptr_guard_mut();
+        // SAFETY: `off..off+len` lies inside the image mapping (checked above) and the guard
+        // covers `len` bytes of one mapped range of guest memory; the two never overlap. The
+        // guest may change its side concurrently, which only affects the data.
+        unsafe {
+            let image = self.map.add(off as usize);
+            if to_guest {
+                std::ptr::copy_nonoverlapping(image, guard.as_ptr(), len);
+            } else {
+                std::ptr::copy_nonoverlapping(guard.as_ptr(), image, len);
+            }
+        }
+        Ok(())
     }
 
     /// Copies the image at `off` into `dst` (a guest buffer the caller checked shared).
     pub fn read_into(&self, off: u64, dst: &VolatileSlice<'_>) -> io::Result<()> {
-        let len = dst.len();
-        if len == 0 {
-            return Ok(());
-        }
-        let image = self.at(off, len)?;
-        let guard = dst.ptr_guard_mut();
-        // SAFETY: `image..image+len` lies inside the image mapping (`at` checked it) and the
-        // guard covers `len` bytes of one mapped range of guest memory; the two never overlap.
-        // The guest may change its side concurrently, which only affects the data.
-        unsafe { std::ptr::copy_nonoverlapping(image, guard.as_ptr(), len) };
-        Ok(())
+        self.copy(off, dst, true)
     }
 
     /// Copies `src` (a guest buffer the caller checked shared) into the image at `off`.
     pub fn write_from(&self, off: u64, src: &VolatileSlice<'_>) -> io::Result<()> {
-        let len = src.len();
-        if len == 0 {
-            return Ok(());
-        }
-        let image = self.at(off, len)?;
-        let guard = src.ptr_guard();
-        // SAFETY: as in `read_into`, with the copy going the other way.
-        unsafe { std::ptr::copy_nonoverlapping(guard.as_ptr(), image, len) };
-        Ok(())
+        self.copy(off, src, false)
     }
 }
