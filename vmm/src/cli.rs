@@ -11,11 +11,9 @@ use memconv::{Granularity, StoreKind};
 use crate::bench;
 use crate::config::{parse_size, DiskConfig, ExecMode, GuestSource, VmConfig};
 use crate::conform;
+use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::fixtures;
 use crate::run;
-
-/// Exit status for errors the user must fix (bad flags, missing KVM, bad guest image...).
-pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -357,7 +355,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
             if outcome.all_passed() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(1)
+                ExitCode::from(EXIT_FAILURE)
             }
         }
         Err(e) => fail(e),
@@ -378,7 +376,7 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
             let _ = e.print();
             return ExitCode::from(code);
         }

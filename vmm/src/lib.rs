@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod conform;
 pub mod devices;
+pub mod exit_codes;
 pub mod fixtures;
 pub mod pvm;
 pub mod run;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::exit_codes::{EXIT_FAILURE, EXIT_USAGE};
+
 use super::metrics::{self, Labels, MetricsError};
 use super::protocol::{
     to_line, ErrorCode, Greeting, Incoming, OutgoingRequest, ProtocolError, Request, StateReply,
@@ -83,8 +85,8 @@ impl ClientError {
             | ClientError::Permission(_)
             | ClientError::Connect { .. }
             | ClientError::BadInterval(_)
-            | ClientError::Metrics(_) => 2,
-            _ => 1,
+            | ClientError::Metrics(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
         }
     }
 }

@@ -711,7 +711,7 @@ impl Server {
             event: "vm_end",
             data: VmEndEvent {
                 end: end.clone(),
-                exit_status: crate::run::exit_status(end),
+                exit_status: crate::exit_codes::exit_status(end),
             },
         });
         for conn in self.conns.values_mut() {

@@ -10,7 +10,7 @@ use memconv::StoreKind;
 use super::matrix::Cell;
 
 /// Exit status of `vmm run` for a crashed vCPU or a KVM failure.
-const EXIT_VM_CRASHED: i32 = crate::run::EXIT_VM_CRASHED as i32;
+const EXIT_VM_CRASHED: i32 = crate::exit_codes::EXIT_VM_CRASHED as i32;
 
 /// What one cell's run left behind.
 #[derive(Debug, Default)]

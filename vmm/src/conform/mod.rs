@@ -142,7 +142,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
         Ok(c) => c,
         Err(e) => {
             run.stderr = format!("cannot start vmm: {e}");
-            run.exit_code = Some(crate::cli::EXIT_USAGE.into());
+            run.exit_code = Some(crate::exit_codes::EXIT_USAGE.into());
             return (run, 0.0);
         }
     };
@@ -169,7 +169,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
             let _ = std::io::Read::read_to_string(&mut err, &mut run.stderr);
         }
     } else {
-        run.exit_code = Some(crate::run::EXIT_VM_CRASHED.into());
+        run.exit_code = Some(crate::exit_codes::EXIT_VM_CRASHED.into());
     }
     run.serial = std::fs::read_to_string(&serial).unwrap_or_default();
     run.summary = std::fs::read(&stats)
