@@ -8,12 +8,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use memconv::{Granularity, StoreKind};
 
-use crate::bench;
 use crate::config::{parse_size, DiskConfig, ExecMode, GuestSource, VmConfig};
-use crate::conform;
 use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::fixtures;
 use crate::run;
+use crate::tools::{bench, conform, ctl};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -417,7 +416,7 @@ pub fn main() -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(format!("--mem: {e}")),
             };
-            let opts = crate::api::bench::ApiBenchOptions {
+            let opts = bench::api::ApiBenchOptions {
                 rounds,
                 // Longer than the longest reuse of a stats snapshot (250 ms).
                 phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.3, 600.0)),
@@ -425,7 +424,7 @@ pub fn main() -> ExitCode {
                 mem,
                 cmdline,
             };
-            match crate::api::bench::run(&opts) {
+            match bench::api::run(&opts) {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS
@@ -438,7 +437,7 @@ pub fn main() -> ExitCode {
 }
 
 fn cmd_ctl(args: &CtlArgs) -> ExitCode {
-    use crate::api::CtlCommand;
+    use ctl::CtlCommand;
     let command = match &args.command {
         CtlSubcommand::Stats { watch } => CtlCommand::Stats { watch: *watch },
         CtlSubcommand::Metrics { label } => CtlCommand::Metrics {
@@ -455,14 +454,14 @@ fn cmd_ctl(args: &CtlArgs) -> ExitCode {
             args.timeout
         ));
     }
-    let opts = crate::api::CtlOptions {
+    let opts = ctl::CtlOptions {
         socket: args.socket.clone(),
         command,
         json: args.json,
         timeout: std::time::Duration::from_secs_f64(args.timeout.min(86_400.0)),
     };
     let mut out = std::io::stdout().lock();
-    match crate::api::ctl(&opts, &mut out) {
+    match ctl::ctl(&opts, &mut out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = out.flush();

@@ -3,16 +3,15 @@
 //! private<->shared conversion requests to the `memconv` service.
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod config;
-pub mod conform;
 pub mod devices;
 pub mod exit_codes;
 pub mod fixtures;
 pub mod pvm;
 pub mod run;
 pub mod serial;
+pub mod tools;
 pub mod vcpu;
 pub mod vm;

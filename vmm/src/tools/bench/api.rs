@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use memconv::{Granularity, StoreKind};
 
-use super::client::{Client, ClientError};
-use super::protocol::{Request, StatsView};
+use crate::api::protocol::{Request, StatsView};
 use crate::config::{GuestSource, VmConfig};
 use crate::run::{self, RunError, RunOptions, RunOutcome};
 use crate::serial::Console;
+use crate::tools::ctl::{Client, ClientError};
 use crate::vcpu::VmEnd;
 
 /// Errors of the API benchmark.

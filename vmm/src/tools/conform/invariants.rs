@@ -277,7 +277,7 @@ pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conform::matrix::Workload;
+    use crate::tools::conform::matrix::Workload;
     use memconv::Granularity;
     use serde_json::json;
 
