@@ -18,6 +18,9 @@ pub enum BenchError {
     /// A benchmark guest did not exit cleanly.
     #[error("benchmark guest {guest} did not exit 0: {end:?}")]
     GuestFailed { guest: String, end: VmEnd },
+    /// The control-socket benchmark failed.
+    #[error(transparent)]
+    Api(#[from] super::api::BenchError),
 }
 
 pub(super) fn config(guest: &str, cmdline: String, exec: Option<ExecMode>) -> VmConfig {
