@@ -19,16 +19,36 @@ pub enum ConfigError {
     MemNotAligned(u64),
     /// Guest RAM below the minimum.
     #[error("--mem {got} is too small: the guest needs at least {min} bytes (16M)")]
-    MemTooSmall { got: u64, min: u64 },
+    MemTooSmall {
+        /// The requested bytes.
+        got: u64,
+        /// The minimum.
+        min: u64,
+    },
     /// Guest RAM above the maximum.
     #[error("--mem {got} is too large: at most {max} bytes (64G) of guest RAM are supported")]
-    MemTooLarge { got: u64, max: u64 },
+    MemTooLarge {
+        /// The requested bytes.
+        got: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: 1 to {max}")]
-    BadCpus { got: u32, max: u32 },
+    BadCpus {
+        /// The requested count.
+        got: u32,
+        /// The maximum.
+        max: u32,
+    },
     /// Command line too long.
     #[error("--cmdline is {got} bytes long, at most {max} are allowed")]
-    CmdlineTooLong { got: usize, max: usize },
+    CmdlineTooLong {
+        /// Its length in bytes.
+        got: usize,
+        /// The longest allowed.
+        max: usize,
+    },
 }
 
 /// Where the guest image comes from.

@@ -17,7 +17,12 @@ pub enum BenchError {
     Run(#[from] RunError),
     /// A benchmark guest did not exit cleanly.
     #[error("benchmark guest {guest} did not exit 0: {end:?}")]
-    GuestFailed { guest: String, end: VmEnd },
+    GuestFailed {
+        /// The guest (and what it printed, where that helps).
+        guest: String,
+        /// How it ended.
+        end: VmEnd,
+    },
     /// The control-socket benchmark failed.
     #[error(transparent)]
     Api(#[from] super::api::BenchError),

@@ -29,7 +29,9 @@ pub enum ConformError {
     /// The output directory could not be created.
     #[error("cannot create output directory {path}: {source}")]
     OutDir {
+        /// The directory.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
     /// This executable could not be found to run cells.
@@ -41,9 +43,13 @@ pub enum ConformError {
          reserve them as root with `echo {total} > /proc/sys/vm/nr_hugepages`, or skip hugetlb cells with --filter memfd-memfd"
     )]
     HugePages {
+        /// Huge pages the cells run at once need.
         needed: u64,
+        /// Huge pages free now.
         free: u64,
+        /// The `nr_hugepages` that would do.
         total: u64,
+        /// Cells run at once.
         jobs: usize,
     },
     /// Writing results failed.
