@@ -120,6 +120,25 @@ pub struct DiskConfig {
 }
 
 impl VmConfig {
+    /// One vCPU booting the embedded fixture `name` with `mem` bytes of RAM, and the defaults
+    /// of `vmm run` for the rest: memfd stores, 4 KiB granularity, no command line, the serial
+    /// console on stdout, no statistics file, no disk.
+    pub fn fixture(name: &str, mem: u64) -> Self {
+        VmConfig {
+            guest: GuestSource::Fixture(name.into()),
+            mem,
+            cpus: 1,
+            serial: None,
+            cmdline: String::new(),
+            exec: None,
+            private: StoreKind::Memfd,
+            shared: StoreKind::Memfd,
+            granularity: Granularity::Page4K,
+            stats_json: None,
+            disk: None,
+        }
+    }
+
     /// Checks the limits the VMM and the guest contract impose.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.mem.is_multiple_of(abi::HUGE_PAGE_SIZE) {
@@ -195,17 +214,8 @@ mod tests {
 
     fn config(mem: u64, cpus: u32) -> VmConfig {
         VmConfig {
-            guest: GuestSource::Fixture("hello".into()),
-            mem,
             cpus,
-            serial: None,
-            cmdline: String::new(),
-            exec: None,
-            private: StoreKind::Memfd,
-            shared: StoreKind::Memfd,
-            granularity: Granularity::Page4K,
-            stats_json: None,
-            disk: None,
+            ..VmConfig::fixture("hello", mem)
         }
     }
 

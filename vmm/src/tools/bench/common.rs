@@ -2,9 +2,7 @@
 //! a VM with its console discarded or captured, reading `key=value` figures from guest output,
 //! and the spread of a sample.
 
-use memconv::{Granularity, StoreKind};
-
-use crate::config::{ExecMode, GuestSource, VmConfig};
+use crate::config::{ExecMode, VmConfig};
 use crate::run::{self, RunError, RunSummary};
 use crate::serial::Console;
 use crate::vcpu::VmEnd;
@@ -30,17 +28,9 @@ pub enum BenchError {
 
 pub(super) fn config(guest: &str, cmdline: String, exec: Option<ExecMode>) -> VmConfig {
     VmConfig {
-        guest: GuestSource::Fixture(guest.into()),
-        mem: 64 << 20,
-        cpus: 1,
-        serial: None,
         cmdline,
         exec,
-        private: StoreKind::Memfd,
-        shared: StoreKind::Memfd,
-        granularity: Granularity::Page4K,
-        stats_json: None,
-        disk: None,
+        ..VmConfig::fixture(guest, 64 << 20)
     }
 }
 

@@ -3,10 +3,10 @@
 
 use std::fmt::Write as _;
 
-use memconv::{Granularity, StoreKind};
+use memconv::StoreKind;
 
 use super::common::{io_field, BenchError, Capture};
-use crate::config::{GuestSource, VmConfig};
+use crate::config::VmConfig;
 use crate::run::{self, RunError, RunSummary};
 use crate::serial::Console;
 
@@ -26,21 +26,15 @@ fn io_run(
     disk: &std::path::Path,
 ) -> Result<(RunSummary, String), BenchError> {
     let cfg = VmConfig {
-        guest: GuestSource::Fixture("io".into()),
-        mem: 512 << 20,
-        cpus: 1,
-        serial: None,
         cmdline: format!("{policy_opts} {workload}"),
-        exec: None,
         private: store,
         shared: store,
-        granularity: Granularity::Page4K,
-        stats_json: None,
         disk: Some(crate::config::DiskConfig {
             path: disk.to_path_buf(),
             create_size: Some(256 << 20),
             idle_us: crate::devices::virtio_blk::DEFAULT_IDLE_US,
         }),
+        ..VmConfig::fixture("io", 512 << 20)
     };
     let capture = Capture::default();
     let outcome =

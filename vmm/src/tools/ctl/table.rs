@@ -3,6 +3,9 @@
 
 use crate::api::protocol::StatsView;
 
+/// A counter read from an earlier snapshot (for a rate).
+type Counter = fn(&StatsView) -> u64;
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
@@ -46,24 +49,23 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
         "conversions   {:>10} {:>10} {:>10} {:>10} {:>12}",
         "4k", "sub2m", "2m", "total", "per second"
     );
-    let _ = writeln!(
-        o,
-        "  to_shared   {:>10} {:>10} {:>10} {:>10} {}",
-        m.to_shared.k4,
-        m.to_shared.sub2m,
-        m.to_shared.m2,
-        m.to_shared.total(),
-        rate(m.to_shared.total(), |p| p.memconv.to_shared.total())
-    );
-    let _ = writeln!(
-        o,
-        "  to_private  {:>10} {:>10} {:>10} {:>10} {}",
-        m.to_private.k4,
-        m.to_private.sub2m,
-        m.to_private.m2,
-        m.to_private.total(),
-        rate(m.to_private.total(), |p| p.memconv.to_private.total())
-    );
+    let directions: [(&str, _, Counter); 2] = [
+        ("to_shared", &m.to_shared, |p| p.memconv.to_shared.total()),
+        ("to_private", &m.to_private, |p| {
+            p.memconv.to_private.total()
+        }),
+    ];
+    for (name, c, then) in directions {
+        let _ = writeln!(
+            o,
+            "  {name:<12}{:>10} {:>10} {:>10} {:>10} {}",
+            c.k4,
+            c.sub2m,
+            c.m2,
+            c.total(),
+            rate(c.total(), then)
+        );
+    }
     let _ = writeln!(
         o,
         "pages converted {} (no-op {}), doorbells {} carrying {} ranges ({:.1}/exit), hypercalls {}",
