@@ -6,6 +6,9 @@
 //! directory and with the outer build's CARGO_*/RUST* variables removed (they would redirect
 //! its target directory or add host flags).
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};

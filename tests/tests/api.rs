@@ -4,6 +4,9 @@
 //! served), socket-file handling, `vmm ctl` (table, JSON, watch, errors) and the Prometheus
 //! output checked by a parser of the exposition format (and by `promtool` when installed).
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};

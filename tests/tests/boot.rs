@@ -1,6 +1,9 @@
 //! Booting real guests under KVM: the hello and smp fixtures, execution modes, crashes and the
 //! guest panic path.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 

@@ -1,5 +1,8 @@
 //! Errors a user can act on: each exits with status 2, one clear line, and no panic.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 use std::process::Command;

@@ -1,6 +1,9 @@
 //! `vmm conform`: the quick suite passes and its JSON holds what the table says; injected
 //! broken policies are named by the invariant they break and make the suite exit non-zero.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 use serde_json::Value;

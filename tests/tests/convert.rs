@@ -2,6 +2,9 @@
 //! granularities, 1 and 4 vCPUs, checked against the guest's own verification, the host's
 //! reject counters and the kernel's view of the stores.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 use serde_json::Value;

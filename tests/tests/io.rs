@@ -3,6 +3,9 @@
 //! vCPUs; data is verified by the guest, the device must see zero violations, aligned-2m must
 //! cause no double allocation on hugetlb. A deliberately broken driver must be refused.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 

@@ -1,5 +1,8 @@
-//! The command line (clap): `vmm run`, `vmm fixtures`, `vmm bench`. Errors a user can act on
-//! print one line and exit with status 2; `vmm run` otherwise exits with the guest's code.
+//! The command line (clap): `vmm run`, `vmm fixtures`, `vmm conform`, `vmm bench`, `vmm ctl`.
+//! Errors a user can act on print one `error:` line (clap's own, for flags it rejects such as
+//! a bad `--mem` size, add a hint line) and exit with status 2; `vmm run` otherwise exits with
+//! the guest's code. Sizes are parsed once, by clap; the VM configuration is validated once,
+//! by [`run::run_vm_with_options`].
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,14 +11,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use memconv::{Granularity, StoreKind};
 
-use crate::bench;
-use crate::config::{parse_size, DiskConfig, ExecMode, GuestSource, VmConfig};
-use crate::conform;
-use crate::fixtures;
+use crate::config::{parse_size, ConfigError, DiskConfig, ExecMode, VmConfig};
+use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
+use crate::fixtures::{self, FixtureError};
 use crate::run;
-
-/// Exit status for errors the user must fix (bad flags, missing KVM, bad guest image...).
-pub const EXIT_USAGE: u8 = 2;
+use crate::tools::{bench, conform, ctl};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -131,12 +131,43 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         poll_ms: u64,
         /// Guest RAM.
-        #[arg(long, value_name = "SIZE", default_value = "64M")]
-        mem: String,
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = size)]
+        mem: u64,
         /// Extra `soak` command line (default: 4 KiB ranges, 64 per batch).
         #[arg(long, value_name = "ARGS", default_value = "pattern=4k batch=64")]
         cmdline: String,
     },
+}
+
+impl BenchCommand {
+    /// The benchmark these flags ask for.
+    fn to_bench(&self) -> bench::Bench {
+        match self {
+            BenchCommand::Io { secs } => bench::Bench::Io { secs: *secs },
+            BenchCommand::Pool { ms, size } => bench::Bench::Pool {
+                ms: *ms,
+                size: *size,
+            },
+            BenchCommand::Boot { runs, iters } => bench::Bench::Boot {
+                runs: *runs,
+                iters: *iters,
+            },
+            BenchCommand::Api {
+                rounds,
+                phase_secs,
+                poll_ms,
+                mem,
+                cmdline,
+            } => bench::Bench::Api(bench::api::ApiBenchOptions {
+                rounds: *rounds,
+                // Longer than the longest reuse of a stats snapshot (250 ms).
+                phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.3, 600.0)),
+                poll: std::time::Duration::from_millis((*poll_ms).max(1)),
+                mem: *mem,
+                cmdline: cmdline.clone(),
+            }),
+        }
+    }
 }
 
 /// Flags of `vmm conform`.
@@ -168,8 +199,8 @@ pub struct ConformArgs {
     )]
     policies: Vec<String>,
     /// Guest RAM per cell.
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
-    mem: String,
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size)]
+    mem: u64,
     /// Extra guest command line for every cell.
     #[arg(long, value_name = "ARGS", default_value = "")]
     cmdline: String,
@@ -185,8 +216,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME|PATH", default_value = fixtures::DEFAULT_FIXTURE)]
     guest: String,
     /// Guest RAM: bytes or K/M/G suffix, a multiple of 2M.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    mem: String,
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = size)]
+    mem: u64,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -216,8 +247,8 @@ pub struct RunArgs {
     disk: Option<PathBuf>,
     /// Create the --disk image sparse with this size if it does not exist (K/M/G suffix, a
     /// multiple of 512); an existing image keeps its size.
-    #[arg(long, value_name = "SIZE", requires = "disk")]
-    disk_size: Option<String>,
+    #[arg(long, value_name = "SIZE", requires = "disk", value_parser = size)]
+    disk_size: Option<u64>,
     /// Microseconds the block device polls its queues without work before it sleeps and asks
     /// the guest for a doorbell.
     #[arg(long, value_name = "US", requires = "disk", default_value_t = crate::devices::virtio_blk::DEFAULT_IDLE_US)]
@@ -228,6 +259,11 @@ pub struct RunArgs {
     /// Do not print the summary.
     #[arg(long)]
     quiet: bool,
+}
+
+/// `--mem`, `--disk-size`: a size like `512M`, parsed by clap (its errors exit with status 2).
+fn size(text: &str) -> Result<u64, ConfigError> {
+    parse_size(text)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -245,27 +281,19 @@ fn init_tracing() {
 }
 
 impl RunArgs {
-    fn disk_config(&self) -> Result<Option<DiskConfig>, String> {
-        let Some(path) = &self.disk else {
-            return Ok(None);
-        };
-        let create_size = match &self.disk_size {
-            Some(text) => Some(parse_size(text).map_err(|e| format!("--disk-size: {e}"))?),
-            None => None,
-        };
-        Ok(Some(DiskConfig {
+    fn disk_config(&self) -> Option<DiskConfig> {
+        self.disk.as_ref().map(|path| DiskConfig {
             path: path.clone(),
-            create_size,
+            create_size: self.disk_size,
             idle_us: self.disk_idle_us,
-        }))
+        })
     }
 
-    fn to_config(&self) -> Result<VmConfig, String> {
-        let guest: GuestSource = fixtures::resolve(&self.guest).map_err(|e| e.to_string())?;
-        let mem = parse_size(&self.mem).map_err(|e| format!("--mem: {e}"))?;
-        let cfg = VmConfig {
-            guest,
-            mem,
+    /// The VM configuration; [`run::run_vm_with_options`] validates it.
+    fn to_config(&self) -> Result<VmConfig, FixtureError> {
+        Ok(VmConfig {
+            guest: fixtures::resolve(&self.guest)?,
+            mem: self.mem,
             cpus: self.cpus,
             serial: self.serial.clone(),
             cmdline: self.cmdline.clone(),
@@ -274,10 +302,8 @@ impl RunArgs {
             shared: self.shared,
             granularity: self.granularity,
             stats_json: self.stats_json.clone(),
-            disk: self.disk_config()?,
-        };
-        cfg.validate().map_err(|e| e.to_string())?;
-        Ok(cfg)
+            disk: self.disk_config(),
+        })
     }
 }
 
@@ -330,10 +356,6 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
     if let Err(e) = fixtures::resolve(&args.guest) {
         return fail(e);
     }
-    let mem = match parse_size(&args.mem) {
-        Ok(m) => m,
-        Err(e) => return fail(format!("--mem: {e}")),
-    };
     let opts = conform::ConformOptions {
         quick: args.quick,
         filters: args.filter.clone(),
@@ -344,7 +366,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         out_dir: args.out.clone(),
         guest: args.guest.clone(),
         policies: args.policies.clone(),
-        mem,
+        mem: args.mem,
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
     };
@@ -357,7 +379,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
             if outcome.all_passed() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(1)
+                ExitCode::from(EXIT_FAILURE)
             }
         }
         Err(e) => fail(e),
@@ -378,7 +400,7 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -387,60 +409,19 @@ pub fn main() -> ExitCode {
         Command::Run(args) => cmd_run(&args),
         Command::Fixtures => cmd_fixtures(),
         Command::Conform(args) => cmd_conform(&args),
-        Command::Bench(BenchCommand::Io { secs }) => match bench::io(secs) {
+        Command::Bench(command) => match bench::run(&command.to_bench()) {
             Ok(report) => {
                 print!("{report}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
-        Command::Bench(BenchCommand::Pool { ms, size }) => match bench::pool(ms, size) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e),
-        },
-        Command::Bench(BenchCommand::Boot { runs, iters }) => match bench::boot(runs, iters) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e),
-        },
-        Command::Bench(BenchCommand::Api {
-            rounds,
-            phase_secs,
-            poll_ms,
-            mem,
-            cmdline,
-        }) => {
-            let mem = match parse_size(&mem) {
-                Ok(m) => m,
-                Err(e) => return fail(format!("--mem: {e}")),
-            };
-            let opts = crate::api::bench::ApiBenchOptions {
-                rounds,
-                // Longer than the longest reuse of a stats snapshot (250 ms).
-                phase: std::time::Duration::from_secs_f64(phase_secs.clamp(0.3, 600.0)),
-                poll: std::time::Duration::from_millis(poll_ms.max(1)),
-                mem,
-                cmdline,
-            };
-            match crate::api::bench::run(&opts) {
-                Ok(report) => {
-                    print!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
         Command::Ctl(args) => cmd_ctl(&args),
     }
 }
 
 fn cmd_ctl(args: &CtlArgs) -> ExitCode {
-    use crate::api::CtlCommand;
+    use ctl::CtlCommand;
     let command = match &args.command {
         CtlSubcommand::Stats { watch } => CtlCommand::Stats { watch: *watch },
         CtlSubcommand::Metrics { label } => CtlCommand::Metrics {
@@ -457,14 +438,14 @@ fn cmd_ctl(args: &CtlArgs) -> ExitCode {
             args.timeout
         ));
     }
-    let opts = crate::api::CtlOptions {
+    let opts = ctl::CtlOptions {
         socket: args.socket.clone(),
         command,
         json: args.json,
         timeout: std::time::Duration::from_secs_f64(args.timeout.min(86_400.0)),
     };
     let mut out = std::io::stdout().lock();
-    match crate::api::ctl(&opts, &mut out) {
+    match ctl::ctl(&opts, &mut out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = out.flush();

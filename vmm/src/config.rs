@@ -19,16 +19,36 @@ pub enum ConfigError {
     MemNotAligned(u64),
     /// Guest RAM below the minimum.
     #[error("--mem {got} is too small: the guest needs at least {min} bytes (16M)")]
-    MemTooSmall { got: u64, min: u64 },
+    MemTooSmall {
+        /// The requested bytes.
+        got: u64,
+        /// The minimum.
+        min: u64,
+    },
     /// Guest RAM above the maximum.
     #[error("--mem {got} is too large: at most {max} bytes (64G) of guest RAM are supported")]
-    MemTooLarge { got: u64, max: u64 },
+    MemTooLarge {
+        /// The requested bytes.
+        got: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: 1 to {max}")]
-    BadCpus { got: u32, max: u32 },
+    BadCpus {
+        /// The requested count.
+        got: u32,
+        /// The maximum.
+        max: u32,
+    },
     /// Command line too long.
     #[error("--cmdline is {got} bytes long, at most {max} are allowed")]
-    CmdlineTooLong { got: usize, max: usize },
+    CmdlineTooLong {
+        /// Its length in bytes.
+        got: usize,
+        /// The longest allowed.
+        max: usize,
+    },
 }
 
 /// Where the guest image comes from.
@@ -100,6 +120,25 @@ pub struct DiskConfig {
 }
 
 impl VmConfig {
+    /// One vCPU booting the embedded fixture `name` with `mem` bytes of RAM, and the defaults
+    /// of `vmm run` for the rest: memfd stores, 4 KiB granularity, no command line, the serial
+    /// console on stdout, no statistics file, no disk.
+    pub fn fixture(name: &str, mem: u64) -> Self {
+        VmConfig {
+            guest: GuestSource::Fixture(name.into()),
+            mem,
+            cpus: 1,
+            serial: None,
+            cmdline: String::new(),
+            exec: None,
+            private: StoreKind::Memfd,
+            shared: StoreKind::Memfd,
+            granularity: Granularity::Page4K,
+            stats_json: None,
+            disk: None,
+        }
+    }
+
     /// Checks the limits the VMM and the guest contract impose.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.mem.is_multiple_of(abi::HUGE_PAGE_SIZE) {
@@ -175,17 +214,8 @@ mod tests {
 
     fn config(mem: u64, cpus: u32) -> VmConfig {
         VmConfig {
-            guest: GuestSource::Fixture("hello".into()),
-            mem,
             cpus,
-            serial: None,
-            cmdline: String::new(),
-            exec: None,
-            private: StoreKind::Memfd,
-            shared: StoreKind::Memfd,
-            granularity: Granularity::Page4K,
-            stats_json: None,
-            disk: None,
+            ..VmConfig::fixture("hello", mem)
         }
     }
 

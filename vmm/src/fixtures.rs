@@ -15,11 +15,18 @@ pub const DEFAULT_FIXTURE: &str = "hello";
 pub enum FixtureError {
     /// Neither an embedded fixture nor an existing file.
     #[error("unknown guest {name:?}: not an embedded fixture (run `vmm fixtures`; known: {known}) and no such file")]
-    Unknown { name: String, known: String },
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The embedded fixtures' names, comma-separated.
+        known: String,
+    },
     /// The file could not be read.
     #[error("cannot read guest image {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
 }

@@ -12,16 +12,12 @@ use serde::Serialize;
 use crate::boot::{self, BootInfoParams};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::{BlkConfig, BlkStats, BlockDevice, Devices, DiskError};
+use crate::exit_codes::exit_status;
 use crate::fixtures::{self, FixtureError};
 use crate::pvm::{self, HostKind, PvmError};
 use crate::serial::{Console, SerialError};
 use crate::vcpu::{self, ExitCounts, VcpuControl, VcpuError, VmEnd, VmShared};
 use crate::vm::{self, KvmVm, VmError, VmHost};
-
-/// Exit status of `vmm run` when a vCPU crashed or KVM failed.
-pub const EXIT_VM_CRASHED: u8 = 70;
-/// Exit status of `vmm run` when every vCPU halted for good.
-pub const EXIT_ALL_HALTED: u8 = 71;
 
 /// Errors that stop a VM from starting; all are the user's to fix (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -197,16 +193,6 @@ impl RunOutcome {
     /// The process exit status for this outcome.
     pub fn exit_status(&self) -> u8 {
         self.summary.exit_status
-    }
-}
-
-/// The exit status `vmm run` uses for an end reason.
-pub fn exit_status(end: &VmEnd) -> u8 {
-    match end {
-        VmEnd::GuestExit { code, .. } => u8::try_from(*code).unwrap_or(u8::MAX),
-        VmEnd::Crash { .. } | VmEnd::HostError { .. } => EXIT_VM_CRASHED,
-        VmEnd::AllHalted => EXIT_ALL_HALTED,
-        VmEnd::Stopped => 0,
     }
 }
 

@@ -17,7 +17,9 @@ pub enum ReportError {
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
     /// JSON encoding failed.

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::protocol::StatsView;
+use crate::api::protocol::StatsView;
 
 /// Errors in what the user asks to render.
 #[derive(Debug, thiserror::Error)]

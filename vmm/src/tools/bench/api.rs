@@ -14,13 +14,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memconv::{Granularity, StoreKind};
-
-use super::client::{Client, ClientError};
-use super::protocol::{Request, StatsView};
-use crate::config::{GuestSource, VmConfig};
+use crate::api::protocol::{Request, StatsView};
+use crate::config::VmConfig;
 use crate::run::{self, RunError, RunOptions, RunOutcome};
 use crate::serial::Console;
+use crate::tools::ctl::{Client, ClientError};
 use crate::vcpu::VmEnd;
 
 /// Errors of the API benchmark.
@@ -180,17 +178,8 @@ pub fn run(opts: &ApiBenchOptions) -> Result<String, BenchError> {
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("api.sock");
     let cfg = VmConfig {
-        guest: GuestSource::Fixture("soak".into()),
-        mem: opts.mem,
-        cpus: 1,
-        serial: None,
         cmdline: format!("seconds=0 {}", opts.cmdline),
-        exec: None,
-        private: StoreKind::Memfd,
-        shared: StoreKind::Memfd,
-        granularity: Granularity::Page4K,
-        stats_json: None,
-        disk: None,
+        ..VmConfig::fixture("soak", opts.mem)
     };
     let run_opts = RunOptions {
         console: Some(Console::with_writer(Box::new(std::io::sink()))),

@@ -10,7 +10,7 @@ use memconv::StoreKind;
 use super::matrix::Cell;
 
 /// Exit status of `vmm run` for a crashed vCPU or a KVM failure.
-const EXIT_VM_CRASHED: i32 = crate::run::EXIT_VM_CRASHED as i32;
+const EXIT_VM_CRASHED: i32 = crate::exit_codes::EXIT_VM_CRASHED as i32;
 
 /// What one cell's run left behind.
 #[derive(Debug, Default)]
@@ -165,24 +165,13 @@ pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
         },
     ));
 
-    let violations = device_violations(s);
     out.push(check(
         "no_dma_violations",
-        if violations == 0 {
-            Ok(())
-        } else {
-            Err(format!("{violations} DMA violations"))
-        },
+        none(device_violations(s), "DMA violations"),
     ));
-
-    let double_accepts = u(m, &["double_accept_violations"]);
     out.push(check(
         "no_double_accept",
-        if double_accepts == 0 {
-            Ok(())
-        } else {
-            Err(format!("{double_accepts} double accepts"))
-        },
+        none(u(m, &["double_accept_violations"]), "double accepts"),
     ));
 
     let host_total: u64 = ["4k", "sub2m", "2m"]
@@ -274,10 +263,19 @@ pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
     out
 }
 
+/// Passes when `count` is 0; else says how many `what` there were.
+fn none(count: u64, what: &str) -> Result<(), String> {
+    if count == 0 {
+        Ok(())
+    } else {
+        Err(format!("{count} {what}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conform::matrix::Workload;
+    use crate::tools::conform::matrix::Workload;
     use memconv::Granularity;
     use serde_json::json;
 
@@ -310,6 +308,15 @@ mod tests {
         })
     }
 
+    /// A run that exited 0 and left `summary`.
+    fn exited_0(summary: Value) -> RunData {
+        RunData {
+            exit_code: Some(0),
+            summary: Some(summary),
+            ..Default::default()
+        }
+    }
+
     fn failed(verdicts: &[Verdict]) -> Vec<&'static str> {
         verdicts
             .iter()
@@ -320,11 +327,7 @@ mod tests {
 
     #[test]
     fn a_clean_run_passes_everything() {
-        let run = RunData {
-            exit_code: Some(0),
-            summary: Some(good_summary()),
-            ..Default::default()
-        };
+        let run = exited_0(good_summary());
         let v = evaluate(&cell("aligned-2m"), &run);
         assert_eq!(v.len(), NAMES.len());
         assert!(failed(&v).is_empty(), "{v:?}");
@@ -338,11 +341,7 @@ mod tests {
         s["memconv"]["pool_report"]["conversions_2m"] = json!(4);
         s["memconv"]["to_private"]["2m"] = json!(1);
         s["memconv"]["to_shared"]["2m"] = json!(3);
-        let run = RunData {
-            exit_code: Some(0),
-            summary: Some(s),
-            ..Default::default()
-        };
+        let run = exited_0(s);
         assert_eq!(
             failed(&evaluate(&cell("x"), &run)),
             vec!["claims_2m_honoured"]
@@ -354,11 +353,7 @@ mod tests {
         let mut s = good_summary();
         s["memconv"]["double_alloc"] = json!({"agree": false, "kernel_within_bound": true,
             "computed_bytes": 2 << 20, "computed_peak_bytes": 2 << 20, "kernel_bytes": 4096});
-        let run = RunData {
-            exit_code: Some(0),
-            summary: Some(s),
-            ..Default::default()
-        };
+        let run = exited_0(s);
         let named = |c: &Cell| {
             evaluate(c, &run)
                 .into_iter()
@@ -378,11 +373,7 @@ mod tests {
         let mut s = good_summary();
         s["disk"]["violations"] = json!(2);
         s["memconv"]["pool_report"]["map_failures"] = json!(1);
-        let run = RunData {
-            exit_code: Some(0),
-            summary: Some(s),
-            ..Default::default()
-        };
+        let run = exited_0(s);
         assert_eq!(
             failed(&evaluate(&cell("throttle"), &run)),
             vec!["no_dma_violations", "throttle_blocking_maps_never_fail"]

@@ -29,7 +29,9 @@ pub enum ConformError {
     /// The output directory could not be created.
     #[error("cannot create output directory {path}: {source}")]
     OutDir {
+        /// The directory.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
     /// This executable could not be found to run cells.
@@ -41,9 +43,13 @@ pub enum ConformError {
          reserve them as root with `echo {total} > /proc/sys/vm/nr_hugepages`, or skip hugetlb cells with --filter memfd-memfd"
     )]
     HugePages {
+        /// Huge pages the cells run at once need.
         needed: u64,
+        /// Huge pages free now.
         free: u64,
+        /// The `nr_hugepages` that would do.
         total: u64,
+        /// Cells run at once.
         jobs: usize,
     },
     /// Writing results failed.
@@ -142,7 +148,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
         Ok(c) => c,
         Err(e) => {
             run.stderr = format!("cannot start vmm: {e}");
-            run.exit_code = Some(crate::cli::EXIT_USAGE.into());
+            run.exit_code = Some(crate::exit_codes::EXIT_USAGE.into());
             return (run, 0.0);
         }
     };
@@ -169,7 +175,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
             let _ = std::io::Read::read_to_string(&mut err, &mut run.stderr);
         }
     } else {
-        run.exit_code = Some(crate::run::EXIT_VM_CRASHED.into());
+        run.exit_code = Some(crate::exit_codes::EXIT_VM_CRASHED.into());
     }
     run.serial = std::fs::read_to_string(&serial).unwrap_or_default();
     run.summary = std::fs::read(&stats)

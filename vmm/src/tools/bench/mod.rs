@@ -1,0 +1,50 @@
+//! The benchmarks (`vmm bench ...`): each prints ratios against a baseline measured in the
+//! same run. `boot`, `io` and `pool` boot VMs through [`crate::run`]; `api` measures what the
+//! control socket costs a converting VM.
+
+pub mod api;
+mod boot;
+mod common;
+mod io;
+mod pool;
+
+pub use boot::boot;
+pub use common::BenchError;
+pub use io::io;
+pub use pool::pool;
+
+/// One benchmark with its parameters (`vmm bench ...`).
+#[derive(Clone, Debug)]
+pub enum Bench {
+    /// `vmm bench io`: seconds per measurement.
+    Io {
+        /// Seconds per measurement.
+        secs: u64,
+    },
+    /// `vmm bench pool`.
+    Pool {
+        /// Milliseconds per measurement.
+        ms: u64,
+        /// Mapping size in bytes.
+        size: u64,
+    },
+    /// `vmm bench boot`.
+    Boot {
+        /// Boots to time.
+        runs: u32,
+        /// Iterations of the native compute loop.
+        iters: u64,
+    },
+    /// `vmm bench api`.
+    Api(api::ApiBenchOptions),
+}
+
+/// Runs a benchmark and returns its report.
+pub fn run(bench: &Bench) -> Result<String, BenchError> {
+    match bench {
+        Bench::Io { secs } => io(*secs),
+        Bench::Pool { ms, size } => pool(*ms, *size),
+        Bench::Boot { runs, iters } => boot(*runs, *iters),
+        Bench::Api(opts) => Ok(api::run(opts)?),
+    }
+}
