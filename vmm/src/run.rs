@@ -48,13 +48,23 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     /// A vCPU thread could not be spawned.
     #[error("cannot start vCPU thread {cpu}: {source}")]
-    Thread { cpu: u32, source: std::io::Error },
+    Thread {
+        /// The vCPU index.
+        cpu: u32,
+        /// Why the thread could not start.
+        source: std::io::Error,
+    },
     /// The disk image or the block device could not be set up.
     #[error(transparent)]
     Disk(#[from] DiskError),
     /// KVM_SET_REGS / KVM_SET_SREGS failed.
     #[error("setting registers of vCPU {cpu} failed: {source}")]
-    Registers { cpu: u32, source: kvm_ioctls::Error },
+    Registers {
+        /// The vCPU index.
+        cpu: u32,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
     /// The control socket could not be created.
     #[error(transparent)]
     Api(#[from] crate::api::ServerError),
