@@ -35,9 +35,9 @@ use crate::abi::{
     MAILBOX_AREA_END, MMIO_BASE_GPA, MMIO_SIZE, PAGES_PER_CHUNK, PAGE_SIZE,
 };
 use crate::bitmap::{Attributes, PageBits, Side};
+use crate::host_vm::HostVm;
 use crate::layout::{compute_layout, Bases, LayoutError, SlotDesc, SlotTable, View, MAX_MEMSLOTS};
 use crate::ram::Granularity;
-use crate::service::HostVm;
 use crate::stats::{Counters, SizeClass};
 use crate::store::Store;
 

@@ -6,7 +6,7 @@
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
 //! (validate, convert, accept), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters
-//! and snapshot), [`service`] ([`ConversionService`], [`HostVm`]), [`ram`] (configuration).
+//! and snapshot), [`service`] ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`] (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
 
 pub mod abi;
@@ -15,6 +15,8 @@ pub mod abi;
 pub mod bitmap;
 #[cfg(feature = "host")]
 pub mod engine;
+#[cfg(feature = "host")]
+pub mod host_vm;
 #[cfg(feature = "host")]
 pub mod layout;
 #[cfg(feature = "host")]
@@ -32,9 +34,11 @@ pub mod store;
 mod tests;
 
 #[cfg(feature = "host")]
+pub use host_vm::HostVm;
+#[cfg(feature = "host")]
 pub use ram::{Granularity, RamConfig};
 #[cfg(feature = "host")]
-pub use service::{AccessError, ConversionService, Error, HostVm, MailboxOutcome};
+pub use service::{AccessError, ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]
 pub use stats::StatsSnapshot;
 #[cfg(feature = "host")]

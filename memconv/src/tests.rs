@@ -14,7 +14,8 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::abi::{
     self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, MAILBOX_BASE_GPA, PAGES_PER_CHUNK, PAGE_SIZE,
 };
-use crate::service::{ConversionService, HostVm, MailboxOutcome};
+use crate::host_vm::HostVm;
+use crate::service::{ConversionService, MailboxOutcome};
 use crate::store::{huge_pages_available, StoreKind};
 use crate::{AccessError, Granularity, RamConfig};
 
