@@ -181,6 +181,14 @@ impl Side {
         }
     }
 
+    /// Index of this side in per-side arrays (`[private, shared]`).
+    pub fn index(self) -> usize {
+        match self {
+            Side::Private => 0,
+            Side::Shared => 1,
+        }
+    }
+
     /// "private" or "shared".
     pub fn name(self) -> &'static str {
         match self {

@@ -22,11 +22,15 @@ pub mod layout;
 #[cfg(feature = "host")]
 pub mod mailbox;
 #[cfg(feature = "host")]
+pub mod measure;
+#[cfg(feature = "host")]
 pub mod ram;
 #[cfg(feature = "host")]
 pub mod service;
 #[cfg(feature = "host")]
 pub mod stats;
+#[cfg(feature = "host")]
+pub mod status;
 #[cfg(feature = "host")]
 pub mod store;
 
@@ -41,5 +45,7 @@ pub use ram::{Granularity, RamConfig};
 pub use service::{AccessError, ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]
 pub use stats::StatsSnapshot;
+#[cfg(feature = "host")]
+pub use status::ConversionError;
 #[cfg(feature = "host")]
 pub use store::StoreKind;

@@ -777,7 +777,9 @@ fn mailbox_batch_exit_report_and_garbage() {
     let mut page = bytes_of(&h);
     page.extend(bytes_of(&r));
     host.write(MAILBOX_BASE_GPA, &page);
-    assert_eq!(svc.service_mailbox(0), MailboxOutcome::Report(r));
+    let decoded = crate::stats::PoolReportSnapshot::from(&r);
+    assert_eq!((decoded.policy.as_str(), decoded.maps), ("legacy", 42));
+    assert_eq!(svc.service_mailbox(0), MailboxOutcome::Report(decoded));
     // Bad report length.
     host.write(MAILBOX_BASE_GPA + 24, &7u64.to_le_bytes());
     assert_eq!(

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{HypercallExit, VcpuExit, VcpuFd};
 use memconv::abi;
+use memconv::stats::PoolReportSnapshot;
 use memconv::{ConversionService, MailboxOutcome};
 use serde::Serialize;
 
@@ -427,7 +428,7 @@ impl VmShared {
     }
 
     /// Records a guest pool report in the timeline.
-    fn note_pool_report(&self, r: &abi::PoolReport) {
+    fn note_pool_report(&self, r: &PoolReportSnapshot) {
         let sample = PoolSample {
             t_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             shared_bytes: r.shared_bytes,
