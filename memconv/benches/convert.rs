@@ -10,6 +10,8 @@
 //! hugetlb 4K rows show memconv's own work only.
 //!
 //! Run: `cargo bench -p memconv --bench convert` (env MEMCONV_BENCH_ITERS scales iterations).
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::os::fd::OwnedFd;

@@ -8,6 +8,8 @@
 //! (validate, convert, accept), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters
 //! and snapshot), [`service`] ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`] (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
 
