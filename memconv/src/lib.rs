@@ -5,8 +5,11 @@
 //!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
-//! (validate, convert, accept), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters
-//! and snapshot), [`service`] ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`] (configuration).
+//! (validate, convert, accept; owns the counters), [`status`] ([`ConversionError`], the typed
+//! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
+//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`service`]
+//! ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`]
+//! (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]

@@ -32,8 +32,8 @@ pub enum MailboxOutcome {
     Exit(u64),
     /// The guest sent pool statistics (also kept in the stats).
     Report(PoolReportSnapshot),
-    /// The mailbox was malformed (abi error code, also written to the header when possible).
-    Rejected(u32),
+    /// The mailbox was malformed (its code is also written to the header when possible).
+    Rejected(ConversionError),
 }
 
 /// A device access that is not allowed.
@@ -273,7 +273,7 @@ impl ConversionService {
         if cpu >= self.cfg.cpus {
             let err = ConversionError::BadRequest;
             self.lock().doorbell(Some(err));
-            return MailboxOutcome::Rejected(err.to_abi());
+            return MailboxOutcome::Rejected(err);
         }
         let off = MAILBOX_BASE_GPA + cpu as u64 * PAGE_SIZE;
         let ptr = (self.shared_base + off as usize) as *mut u8;
@@ -287,11 +287,11 @@ impl ConversionService {
             Ok(r) => r,
             Err(err) => {
                 tracing::debug!("cpu {cpu}: rejected mailbox: {err}");
-                let code = err.error().to_abi();
-                e.doorbell(Some(err.error()));
+                let error = err.error();
+                e.doorbell(Some(error));
                 // SAFETY: as above; writable shared page.
-                unsafe { mailbox::write_header(ptr, None, code) };
-                return MailboxOutcome::Rejected(code);
+                unsafe { mailbox::write_header(ptr, None, error.to_abi()) };
+                return MailboxOutcome::Rejected(error);
             }
         };
         e.doorbell(None);

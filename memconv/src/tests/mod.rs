@@ -27,7 +27,7 @@ use crate::abi::{
 use crate::host_vm::HostVm;
 use crate::service::{ConversionService, MailboxOutcome};
 use crate::store::{huge_pages_available, StoreKind};
-use crate::{AccessError, Granularity, RamConfig};
+use crate::{AccessError, ConversionError, Granularity, RamConfig};
 
 const MB: u64 = 1 << 20;
 const TO_SHARED: u64 = 0;

@@ -136,7 +136,7 @@ fn run_ops(private: StoreKind, shared: StoreKind, g: Granularity, ops: &[Op]) {
                     }
                 }
                 if *cpu >= 2 {
-                    assert_eq!(out, MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST));
+                    assert_eq!(out, MailboxOutcome::Rejected(ConversionError::BadRequest));
                 }
             }
             Op::Garbage { cpu, bytes } => {
@@ -186,7 +186,7 @@ fn run_ops(private: StoreKind, shared: StoreKind, g: Granularity, ops: &[Op]) {
 
 fn prop_assume_ok(out: MailboxOutcome, ctx: &str) {
     assert!(
-        matches!(out, MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)),
+        matches!(out, MailboxOutcome::Rejected(ConversionError::BadRequest)),
         "{ctx}: random bytes accepted as a mailbox: {out:?}"
     );
 }

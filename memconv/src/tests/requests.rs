@@ -172,7 +172,7 @@ fn mailbox_batch_exit_report_and_garbage() {
     host.write(MAILBOX_BASE_GPA + 24, &7u64.to_le_bytes());
     assert_eq!(
         svc.service_mailbox(0),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     // Exit.
     guest_mailbox(&host, 1, abi::OP_EXIT, &[], 77);
@@ -181,12 +181,12 @@ fn mailbox_batch_exit_report_and_garbage() {
     host.write(MAILBOX_BASE_GPA, &[0xAB; 4096]);
     assert_eq!(
         svc.service_mailbox(0),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     guest_mailbox(&host, 0, 99, &[], 0);
     assert_eq!(
         svc.service_mailbox(0),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     let mut h = abi::MailboxHeader {
         magic: abi::MAILBOX_MAGIC,
@@ -198,23 +198,23 @@ fn mailbox_batch_exit_report_and_garbage() {
     host.write(MAILBOX_BASE_GPA, &bytes_of(&h));
     assert_eq!(
         svc.service_mailbox(0),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     h.end_entry = 3;
     h.cur_entry = 4;
     host.write(MAILBOX_BASE_GPA, &bytes_of(&h));
     assert_eq!(
         svc.service_mailbox(0),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     assert_eq!(read_header(&host, 0).status, abi::ERR_BAD_REQUEST);
     assert_eq!(
         svc.service_mailbox(2),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     assert_eq!(
         svc.service_mailbox(u32::MAX),
-        MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST)
+        MailboxOutcome::Rejected(ConversionError::BadRequest)
     );
     // A full mailbox of 169 entries in one exit.
     let entries: Vec<(u64, u64, u32)> = (0..abi::MAILBOX_MAX_ENTRIES as u64)
