@@ -1,5 +1,5 @@
 //! Steps 2-5 of a conversion (see the engine's module doc) and their rollback. Every step
-//! reads and extends the conversion's [`Scratch`], passed explicitly.
+//! reads and extends the conversion's `Scratch`, passed explicitly.
 
 use std::io;
 

@@ -27,7 +27,7 @@
 //! what is mapped and the failure is counted as unrecovered.
 //!
 //! Submodules: `convert` (steps 2-5 and their rollback, over one explicit per-call
-//! [`Scratch`]) and `validate` (step 1 and the accept and device-access checks). The engine
+//! `Scratch`) and `validate` (step 1 and the accept and device-access checks). The engine
 //! owns its [`Counters`]: the service reports doorbells, exits and guest reports through
 //! methods here and never changes a counter itself.
 

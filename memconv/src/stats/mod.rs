@@ -1,6 +1,6 @@
 //! Statistics: the engine's counters ([`counters`]), the latency histogram ([`histogram`]),
 //! the guest pool report ([`pool_report`]), the serializable snapshot ([`snapshot`]) and its
-//! human-readable table ([`summary`]). The kernel figures are measured in `crate::measure`.
+//! human-readable table ([`StatsSnapshot::summary`]). The kernel figures are measured in `crate::measure`.
 //!
 //! The snapshot types are also `Deserialize` so readers of the JSON (`vmm ctl`, the
 //! `--stats-json` consumers) use them directly: every field defaults when absent, so replies
