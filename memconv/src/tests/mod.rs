@@ -411,16 +411,27 @@ fn guest_mailbox(host: &FakeHost, cpu: u32, op: u32, entries: &[(u64, u64, u32)]
         reserved: 0,
         arg,
     };
-    let mut page = bytes_of(&h);
+    let page = mailbox_bytes(&h, entries, 0xffff);
+    host.write(MAILBOX_BASE_GPA + cpu as u64 * PAGE_SIZE, &page);
+}
+
+/// The bytes of a mailbox header followed by `entries` (gpa, npages, attrs), each with
+/// `entry_status`.
+fn mailbox_bytes(
+    h: &abi::MailboxHeader,
+    entries: &[(u64, u64, u32)],
+    entry_status: u32,
+) -> Vec<u8> {
+    let mut page = bytes_of(h);
     for &(gpa, npages, attrs) in entries {
         page.extend(bytes_of(&abi::MailboxEntry {
             gpa,
             npages,
             attrs,
-            status: 0xffff,
+            status: entry_status,
         }));
     }
-    host.write(MAILBOX_BASE_GPA + cpu as u64 * PAGE_SIZE, &page);
+    page
 }
 
 fn read_header(host: &FakeHost, cpu: u32) -> abi::MailboxHeader {

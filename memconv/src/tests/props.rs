@@ -113,15 +113,7 @@ fn run_ops(private: StoreKind, shared: StoreKind, g: Granularity, ops: &[Op]) {
                     end_entry: *end,
                     ..Default::default()
                 };
-                let mut page = bytes_of(&h);
-                for &(gpa, npages, attrs) in entries {
-                    page.extend(bytes_of(&abi::MailboxEntry {
-                        gpa,
-                        npages,
-                        attrs,
-                        status: 0,
-                    }));
-                }
+                let mut page = mailbox_bytes(&h, entries, 0);
                 page.resize(PAGE_SIZE as usize, 0);
                 host.write(MAILBOX_BASE_GPA + *cpu as u64 * PAGE_SIZE, &page);
                 let out = svc.service_mailbox(*cpu);
