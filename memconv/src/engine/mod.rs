@@ -8,11 +8,11 @@
 //!    before changing anything. Pages already on T are a no-op (counted).
 //! 2. Flip the runs of changing pages in the canonical bitmap (tentatively), and if a chunk
 //!    enters or leaves the mixed state on a split (hugetlb) host, compute the new memslot
-//!    layout; over the slot limit -> `ERR_NO_MEMORY`, bitmap reverted.
+//!    layout; over the slot limit -> `NoMemory`, bitmap reverted.
 //! 3. Prepare T so the converted pages read zero: a 4 KiB store punches exactly those pages
 //!    (they may hold stale data from an earlier conversion); a hugetlb chunk with no T page
 //!    before is punched and then allocated whole (fallocate mode 0: ENOSPC/ENOMEM ->
-//!    `ERR_NO_MEMORY`, everything undone, never a SIGBUS later); a hugetlb chunk that already
+//!    `NoMemory`, everything undone, never a SIGBUS later); a hugetlb chunk that already
 //!    holds T pages keeps its 2 MiB page, whose converted 4 KiB pieces still hold what T had
 //!    there before they left T: those are zeroed through the store mapping before any slot
 //!    exposes them.
@@ -23,7 +23,7 @@
 //!    chunks with no S page left. A failed punch leaves the state consistent (counted).
 //!
 //! Failures in 3-4 roll back (view, memslots, fresh allocations, bitmap) and return
-//! `ERR_NO_MEMORY` / `ERR_INTERNAL`; if a rollback step itself fails the bitmap is kept equal to
+//! `NoMemory` / `Internal`; if a rollback step itself fails the bitmap is kept equal to
 //! what is mapped and the failure is counted as unrecovered.
 //!
 //! Submodules: `convert` (steps 2-5 and their rollback, over one explicit per-call
