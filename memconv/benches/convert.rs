@@ -10,6 +10,8 @@
 //! hugetlb 4K rows show memconv's own work only.
 //!
 //! Run: `cargo bench -p memconv --bench convert` (env MEMCONV_BENCH_ITERS scales iterations).
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -179,24 +181,22 @@ fn floor(kind: StoreKind, pages: u64, iters: usize, alloc: bool) -> Result<(u64,
             unsafe { std::ptr::write_volatile(view.base().add((off + p * PAGE_SIZE) as usize), v) };
         }
     };
+    // One timed move of the range from store `from` to store `to`.
+    let step = |from: &Store, to: &Store| -> io::Result<u64> {
+        let t0 = Instant::now();
+        view.map(off, len, to)?;
+        from.punch(off, len)?;
+        if alloc {
+            to.allocate(off, len)?;
+        }
+        Ok(t0.elapsed().as_nanos() as u64)
+    };
     let mut samples = Vec::with_capacity(iters * 2);
     for i in 0..iters + 10 {
         touch_view(i as u8);
-        let t0 = Instant::now();
-        view.map(off, len, &b).map_err(e)?;
-        a.punch(off, len).map_err(e)?;
-        if alloc {
-            b.allocate(off, len).map_err(e)?;
-        }
-        let t1 = t0.elapsed().as_nanos() as u64;
+        let t1 = step(&a, &b).map_err(e)?;
         touch_view(i as u8);
-        let t2 = Instant::now();
-        view.map(off, len, &a).map_err(e)?;
-        b.punch(off, len).map_err(e)?;
-        if alloc {
-            a.allocate(off, len).map_err(e)?;
-        }
-        let t3 = t2.elapsed().as_nanos() as u64;
+        let t3 = step(&b, &a).map_err(e)?;
         if i >= 10 {
             samples.push(t1);
             samples.push(t3);

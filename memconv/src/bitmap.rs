@@ -73,37 +73,38 @@ impl PageBits {
         upper & !((1u64 << lo) - 1)
     }
 
+    /// The pieces of `[a, b)` (clamped to `len`) that lie within one word each: (word index,
+    /// index of that word's bit 0, mask of the piece).
+    fn pieces(len: u64, a: u64, b: u64) -> impl Iterator<Item = (usize, u64, u64)> {
+        let b = b.min(len);
+        let mut i = a;
+        std::iter::from_fn(move || {
+            (i < b).then(|| {
+                let lo = i % 64;
+                let base = i - lo;
+                let hi = (b - base).min(64);
+                i = base + hi;
+                ((base / 64) as usize, base, Self::mask(lo, hi))
+            })
+        })
+    }
+
     /// Set bits `[a, b)` to `v` (clamped to the length).
     pub fn set_range(&mut self, a: u64, b: u64, v: bool) {
-        let b = b.min(self.len);
-        let mut i = a;
-        while i < b {
-            let w = (i / 64) as usize;
-            let lo = i % 64;
-            let hi = (b - (i - lo)).min(64);
-            let m = Self::mask(lo, hi);
+        for (w, _, m) in Self::pieces(self.len, a, b) {
             if v {
                 self.words[w] |= m;
             } else {
                 self.words[w] &= !m;
             }
-            i = i - lo + hi;
         }
     }
 
     /// Number of set bits in `[a, b)`.
     pub fn count_range(&self, a: u64, b: u64) -> u64 {
-        let b = b.min(self.len);
-        let mut i = a;
-        let mut n = 0u64;
-        while i < b {
-            let w = (i / 64) as usize;
-            let lo = i % 64;
-            let hi = (b - (i - lo)).min(64);
-            n += (self.words[w] & Self::mask(lo, hi)).count_ones() as u64;
-            i = i - lo + hi;
-        }
-        n
+        Self::pieces(self.len, a, b)
+            .map(|(w, _, m)| (self.words[w] & m).count_ones() as u64)
+            .sum()
     }
 
     /// Number of set bits.
@@ -122,20 +123,14 @@ impl PageBits {
 
     /// First index in `[a, b)` whose bit equals `v`, or `b`.
     pub fn find(&self, a: u64, b: u64, v: bool) -> u64 {
-        let b = b.min(self.len);
-        let mut i = a;
-        while i < b {
-            let w = (i / 64) as usize;
-            let lo = i % 64;
-            let hi = (b - (i - lo)).min(64);
+        for (w, base, m) in Self::pieces(self.len, a, b) {
             let word = if v { self.words[w] } else { !self.words[w] };
-            let m = word & Self::mask(lo, hi);
-            if m != 0 {
-                return (i - lo) + m.trailing_zeros() as u64;
+            let hit = word & m;
+            if hit != 0 {
+                return base + hit.trailing_zeros() as u64;
             }
-            i = i - lo + hi;
         }
-        b
+        b.min(self.len)
     }
 
     /// Push onto `out` the maximal runs `[s, e)` inside `[a, b)` whose bits equal `v`.
@@ -178,6 +173,14 @@ impl Side {
         match self {
             Side::Private => Side::Shared,
             Side::Shared => Side::Private,
+        }
+    }
+
+    /// Index of this side in per-side arrays (`[private, shared]`).
+    pub fn index(self) -> usize {
+        match self {
+            Side::Private => 0,
+            Side::Shared => 1,
         }
     }
 

@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::abi::{HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::bitmap::{Attributes, Side};
-use crate::service::HostVm;
+use crate::host_vm::HostVm;
 use crate::store::Store;
 
 /// Most memslots memconv uses (ids `0..MAX_MEMSLOTS`); KVM allows up to 32764 and the VMM may

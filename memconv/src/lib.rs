@@ -5,9 +5,14 @@
 //!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
-//! (validate, convert, accept), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters
-//! and snapshot), [`service`] ([`ConversionService`], [`HostVm`]), [`ram`] (configuration).
+//! (validate, convert, accept; owns the counters), [`status`] ([`ConversionError`], the typed
+//! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
+//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`service`]
+//! ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`]
+//! (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
 
@@ -16,9 +21,13 @@ pub mod bitmap;
 #[cfg(feature = "host")]
 pub mod engine;
 #[cfg(feature = "host")]
+pub mod host_vm;
+#[cfg(feature = "host")]
 pub mod layout;
 #[cfg(feature = "host")]
 pub mod mailbox;
+#[cfg(feature = "host")]
+pub mod measure;
 #[cfg(feature = "host")]
 pub mod ram;
 #[cfg(feature = "host")]
@@ -26,16 +35,22 @@ pub mod service;
 #[cfg(feature = "host")]
 pub mod stats;
 #[cfg(feature = "host")]
+pub mod status;
+#[cfg(feature = "host")]
 pub mod store;
 
 #[cfg(all(test, feature = "host"))]
 mod tests;
 
 #[cfg(feature = "host")]
+pub use host_vm::HostVm;
+#[cfg(feature = "host")]
 pub use ram::{Granularity, RamConfig};
 #[cfg(feature = "host")]
-pub use service::{AccessError, ConversionService, Error, HostVm, MailboxOutcome};
+pub use service::{AccessError, ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]
 pub use stats::StatsSnapshot;
+#[cfg(feature = "host")]
+pub use status::ConversionError;
 #[cfg(feature = "host")]
 pub use store::StoreKind;

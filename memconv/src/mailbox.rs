@@ -12,6 +12,8 @@ use crate::abi::{
     MAILBOX_MAX_ENTRIES, PAGE_SIZE, POLICY_NAME_MAX, POOL_REPORT_VERSION,
 };
 
+use crate::status::ConversionError;
+
 const PAGE: usize = PAGE_SIZE as usize;
 
 /// A decoded request.
@@ -65,9 +67,9 @@ pub enum MailboxError {
 }
 
 impl MailboxError {
-    /// The abi status to report.
-    pub fn code(&self) -> u32 {
-        abi::ERR_BAD_REQUEST
+    /// The status to report: every malformed mailbox is a bad request.
+    pub fn error(&self) -> ConversionError {
+        ConversionError::BadRequest
     }
 }
 

@@ -4,53 +4,36 @@
 //! exits, answers device access checks and produces statistics (with the kernel-measured
 //! figures). All state lives in one [`Engine`] behind a mutex.
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::abi::{
-    self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, MAILBOX_BASE_GPA, PAGES_PER_CHUNK, PAGE_SIZE,
-};
-use crate::bitmap::{PageBits, Side};
+use crate::abi::{self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, MAILBOX_BASE_GPA, PAGE_SIZE};
+use crate::bitmap::Side;
 use crate::engine::{Engine, EngineError};
+use crate::host_vm::HostVm;
 use crate::layout::{LayoutError, View};
 use crate::mailbox::{self, Request, Snapshot};
+use crate::measure;
 use crate::ram::RamConfig;
-use crate::stats::{SnapshotInputs, StatsSnapshot, StoreUsage};
+use crate::stats::{PoolReportSnapshot, StatsSnapshot};
+use crate::status::{self, ConversionError};
 use crate::store::{
     huge_pages_available, huge_pages_error, Store, StoreError, StoreKind,
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
 };
 
-/// What memconv needs from KVM; implemented by the VMM.
-///
-/// memconv uses memslot ids `0..layout::MAX_MEMSLOTS`. `pause_vcpus` may be called from a vCPU
-/// thread while other vCPU threads are blocked inside memconv (waiting for its lock, outside
-/// KVM_RUN): such vCPUs must count as paused without having to acknowledge, or the pause
-/// deadlocks.
-pub trait HostVm: Send + Sync {
-    /// Install KVM memslot `slot` mapping [gpa, gpa+size) to host address `host_addr`; size == 0 deletes the slot.
-    fn set_memslot(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> std::io::Result<()>;
-    /// Create a KVM guest_memfd of `size` bytes with `flags` (KVM_CREATE_GUEST_MEMFD).
-    fn create_guest_memfd(&self, size: u64, flags: u64) -> std::io::Result<std::os::fd::OwnedFd>;
-    /// Return once no vCPU other than the calling thread's runs guest code; they stay out until resume_vcpus.
-    fn pause_vcpus(&self);
-    /// Let paused vCPUs run again.
-    fn resume_vcpus(&self);
-}
-
 /// Result of servicing a mailbox doorbell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MailboxOutcome {
     /// Entries processed; resume the guest.
     Handled,
     /// The guest asked to end with this exit code.
     Exit(u64),
     /// The guest sent pool statistics (also kept in the stats).
-    Report(abi::PoolReport),
-    /// The mailbox was malformed (abi error code, also written to the header when possible).
-    Rejected(u32),
+    Report(PoolReportSnapshot),
+    /// The mailbox was malformed (its code is also written to the header when possible).
+    Rejected(ConversionError),
 }
 
 /// A device access that is not allowed.
@@ -224,8 +207,7 @@ impl ConversionService {
 
     /// Like [`ConversionService::new`] over stores created by the caller (e.g. a hugetlb file
     /// on a size-limited hugetlbfs mount); `cfg.private`/`cfg.shared` are taken from the stores.
-    #[doc(hidden)]
-    pub fn with_stores(
+    pub(crate) fn with_stores(
         mut cfg: RamConfig,
         private: Store,
         shared: Store,
@@ -265,8 +247,8 @@ impl ConversionService {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Limit memconv to `n` memslots (at most `layout::MAX_MEMSLOTS`), e.g. when KVM reports
-    /// fewer (KVM_CAP_NR_MEMSLOTS) or the VMM needs more for itself.
+    /// Limit memconv to `n` memslots (at most `layout::MAX_MEMSLOTS`): the VMM passes KVM's
+    /// limit (KVM_CAP_NR_MEMSLOTS) at VM setup; tests pass less.
     pub fn set_memslot_limit(&self, n: usize) {
         self.lock().set_slot_limit(n);
     }
@@ -289,11 +271,9 @@ impl ConversionService {
     /// Service vCPU `cpu`'s mailbox (it rang the doorbell).
     pub fn service_mailbox(&self, cpu: u32) -> MailboxOutcome {
         if cpu >= self.cfg.cpus {
-            let mut e = self.lock();
-            e.counters.doorbells += 1;
-            e.counters.bad_mailboxes += 1;
-            e.counters.reject(abi::ERR_BAD_REQUEST);
-            return MailboxOutcome::Rejected(abi::ERR_BAD_REQUEST);
+            let err = ConversionError::BadRequest;
+            self.lock().doorbell(Some(err));
+            return MailboxOutcome::Rejected(err);
         }
         let off = MAILBOX_BASE_GPA + cpu as u64 * PAGE_SIZE;
         let ptr = (self.shared_base + off as usize) as *mut u8;
@@ -303,66 +283,59 @@ impl ConversionService {
         // page aligned and stays mapped while the service lives.
         let snap = unsafe { Snapshot::read(ptr) };
         let mut e = self.lock();
-        e.counters.doorbells += 1;
         let req = match snap.decode() {
             Ok(r) => r,
             Err(err) => {
                 tracing::debug!("cpu {cpu}: rejected mailbox: {err}");
-                e.counters.bad_mailboxes += 1;
-                e.counters.reject(err.code());
+                let error = err.error();
+                e.doorbell(Some(error));
                 // SAFETY: as above; writable shared page.
-                unsafe { mailbox::write_header(ptr, None, err.code()) };
-                return MailboxOutcome::Rejected(err.code());
+                unsafe { mailbox::write_header(ptr, None, error.to_abi()) };
+                return MailboxOutcome::Rejected(error);
             }
         };
+        e.doorbell(None);
         match req {
             Request::Convert { cur, end } | Request::Accept { cur, end } => {
                 let convert = matches!(req, Request::Convert { .. });
-                let mut first = abi::STATUS_OK;
+                let mut first = Ok(());
                 for i in cur..end {
                     let en = snap.entry(i);
-                    let st = if convert {
-                        e.convert(en.gpa, en.npages, en.attrs as u64)
-                    } else {
-                        e.accept(en.gpa, en.npages, en.attrs as u64)
-                    };
-                    e.counters.mailbox_ranges += 1;
-                    if first == abi::STATUS_OK {
-                        first = st;
-                    }
+                    let st = e.mailbox_entry(convert, en.gpa, en.npages, en.attrs as u64);
+                    first = first.and(st);
                     // SAFETY: as above.
-                    unsafe { mailbox::write_entry_status(ptr, i, st) };
+                    unsafe { mailbox::write_entry_status(ptr, i, status::to_abi(st)) };
                 }
                 // SAFETY: as above.
-                unsafe { mailbox::write_header(ptr, Some(end), first) };
+                unsafe { mailbox::write_header(ptr, Some(end), status::to_abi(first)) };
                 MailboxOutcome::Handled
             }
             Request::Exit(code) => {
-                e.counters.exits += 1;
+                e.exit_request();
                 // SAFETY: as above.
                 unsafe { mailbox::write_header(ptr, None, abi::STATUS_OK) };
                 MailboxOutcome::Exit(code)
             }
             Request::Report(r) => {
-                e.counters.reports += 1;
-                e.counters.pool_report = Some(r);
+                let report = PoolReportSnapshot::from(&r);
+                e.pool_report(report.clone());
                 // SAFETY: as above.
                 unsafe { mailbox::write_header(ptr, None, abi::STATUS_OK) };
-                MailboxOutcome::Report(r)
+                MailboxOutcome::Report(report)
             }
         }
     }
 
-    /// KVM_HC_MAP_GPA_RANGE: convert one range; returns an abi status code.
+    /// KVM_HC_MAP_GPA_RANGE: convert one range; returns the abi status code the VMM hands
+    /// back to the guest (the hypercall is a guest boundary like the mailbox).
     pub fn map_gpa_range(&self, gpa: u64, npages: u64, attrs: u64) -> u32 {
-        let mut e = self.lock();
-        e.counters.hypercalls += 1;
-        e.convert(gpa, npages, attrs)
+        status::to_abi(self.lock().hypercall(gpa, npages, attrs))
     }
 
     /// ACCEPT one entry outside the mailbox path (same rules); returns an abi status code.
-    pub fn accept(&self, gpa: u64, npages: u64) -> u32 {
-        self.lock().accept(gpa, npages, 0)
+    #[cfg(test)]
+    pub(crate) fn accept(&self, gpa: u64, npages: u64) -> u32 {
+        status::to_abi(self.lock().accept(gpa, npages, 0))
     }
 
     /// Ok only if every page of `[gpa, gpa+len)` is in RAM and shared.
@@ -377,115 +350,18 @@ impl ConversionService {
     }
 
     /// Is the page at `gpa` private (false outside RAM)?
-    pub fn is_private(&self, gpa: u64) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_private(&self, gpa: u64) -> bool {
         let e = self.lock();
         gpa < e.size() && e.attrs().is_private(gpa / PAGE_SIZE)
-    }
-
-    /// Read guest memory as the guest sees it (through memconv's memslots), e.g. for tests and
-    /// debugging. Err(gpa) at the first GPA no memslot covers.
-    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), u64> {
-        self.lock().read_guest(gpa, buf)
     }
 
     /// Statistics snapshot, including the kernel-measured allocation figures.
     pub fn stats(&self) -> StatsSnapshot {
         let mut e = self.lock();
-        let mut errors = Vec::new();
-        let (private_store, private_res) = measure(&e, Side::Private, &mut errors);
-        let (shared_store, shared_res) = measure(&e, Side::Shared, &mut errors);
-        let kernel_dbl = private_res.count_and(&shared_res) * PAGE_SIZE;
-        let inputs = SnapshotInputs {
-            ram_bytes: e.size(),
-            granularity: e.granularity(),
-            private_store,
-            shared_store,
-            kernel_dbl_bytes: kernel_dbl,
-            mixed_chunks: e.attrs().mixed_chunks(),
-            memslots: e.slots().slots().len() as u64,
-            memslot_edits: e.slots().edits(),
-            kernel_query_errors: errors,
-        };
-        StatsSnapshot::build(&mut e.counters, inputs)
+        let inputs = measure::snapshot_inputs(&e);
+        e.snapshot(inputs)
     }
-}
-
-/// Kernel and engine figures for one store.
-fn measure(e: &Engine, side: Side, errors: &mut Vec<String>) -> (StoreUsage, PageBits) {
-    let store = e.store(side);
-    let mut resident = PageBits::new(e.size() / PAGE_SIZE, false);
-    let kernel_bytes = store.allocated_bytes().unwrap_or_else(|err| {
-        errors.push(format!("{} fstat: {err}", side.name()));
-        0
-    });
-    let method = match kernel_resident(e, side, &mut resident) {
-        Ok(m) => m,
-        Err(err) => {
-            errors.push(format!("{} residency: {err}", side.name()));
-            "error"
-        }
-    };
-    let resident_bytes = resident.count_ones() * PAGE_SIZE;
-    // guest_memfd does not account st_blocks: its allocation is what mincore finds.
-    let (kernel_bytes, kernel_bytes_source) = if store.kind() == StoreKind::Gmem {
-        (resident_bytes, "mincore")
-    } else {
-        (kernel_bytes, "st_blocks")
-    };
-    let (owned, bound) = e.side_bytes(side);
-    let usage = StoreUsage {
-        kind: store.kind(),
-        owned_bytes: owned,
-        engine_bound_bytes: bound,
-        kernel_bytes,
-        kernel_bytes_source: Cow::Borrowed(kernel_bytes_source),
-        kernel_resident_bytes: resident_bytes,
-        kernel_resident_method: Cow::Borrowed(method),
-    };
-    (usage, resident)
-}
-
-/// Kernel residency of `side`'s store, one bit per 4 KiB page.
-fn kernel_resident(e: &Engine, side: Side, out: &mut PageBits) -> std::io::Result<&'static str> {
-    let store = e.store(side);
-    if !store.kind().is_huge() {
-        return store.resident_pages(out);
-    }
-    // hugetlb: a 2 MiB page is allocated iff it is mapped in the store mapping or in a view
-    // chunk mapped from this store (the engine populates the store mapping after every
-    // allocation it makes, and only a punch frees a page, which also unmaps it everywhere).
-    let nchunks = e.size() / HUGE_PAGE_SIZE;
-    let mut chunks = PageBits::new(nchunks, false);
-    // SAFETY: the whole store mapping is mapped while the engine lives.
-    unsafe { Store::mincore_chunks(store.base(), 0, e.size(), &mut chunks)? };
-    let want_private = side == Side::Private;
-    let vp = e.view_private();
-    let mut c = 0;
-    while c < nchunks {
-        let s = vp.find(c, nchunks, want_private);
-        if s >= nchunks {
-            break;
-        }
-        let end = vp.find(s, nchunks, !want_private);
-        // SAFETY: chunks [s, end) lie inside the view, which stays mapped while the engine
-        // lives (the lock is held).
-        unsafe {
-            let addr = e.view().base().add((s * HUGE_PAGE_SIZE) as usize);
-            Store::mincore_chunks(
-                addr,
-                s * HUGE_PAGE_SIZE,
-                (end - s) * HUGE_PAGE_SIZE,
-                &mut chunks,
-            )?;
-        }
-        c = end;
-    }
-    for c in 0..nchunks {
-        if chunks.get(c) {
-            out.set_range(c * PAGES_PER_CHUNK, (c + 1) * PAGES_PER_CHUNK, true);
-        }
-    }
-    Ok("mincore")
 }
 
 impl Drop for ConversionService {

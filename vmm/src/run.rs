@@ -267,6 +267,8 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         },
         host.clone(),
     )?);
+    // KVM's own memslot limit (KVM_CAP_NR_MEMSLOTS) bounds memconv's layouts.
+    memconv.set_memslot_limit(vm.kvm.get_nr_memslots());
 
     let vcpus = (0..cfg.cpus)
         .map(|cpu| vm.create_vcpu(cpu))

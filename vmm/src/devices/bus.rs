@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use memconv::abi;
 
 /// Errors building the bus.
 #[derive(Debug, thiserror::Error)]
@@ -45,14 +44,14 @@ pub enum DeviceKind {
 }
 
 /// What a device write asks of the vCPU that made it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum BusEffect {
     /// Nothing: enter the guest again.
     None,
     /// The guest asked to end with this exit code.
     GuestExit(u64),
     /// The guest reported its pool statistics.
-    PoolReport(abi::PoolReport),
+    PoolReport(memconv::stats::PoolReportSnapshot),
 }
 
 /// A device on the bus.

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use memconv::abi;
 use serde::Serialize;
 
 /// Per-vCPU exit counts by reason.
@@ -145,7 +144,7 @@ impl Telemetry {
     }
 
     /// Records a guest pool report in the timeline.
-    pub fn note_pool_report(&self, r: &abi::PoolReport) {
+    pub fn note_pool_report(&self, r: &memconv::stats::PoolReportSnapshot) {
         let sample = PoolSample {
             t_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             shared_bytes: r.shared_bytes,

@@ -104,7 +104,7 @@ fn stats_view_reads_what_the_server_sends() {
     let mut report = memconv::abi::PoolReport::default();
     report.policy[..4].copy_from_slice(b"soak");
     report.policy_len = 4;
-    counters.pool_report = Some(report);
+    counters.pool_report = Some((&report).into());
     let snapshot = StatsSnapshot::build(
         &mut counters,
         SnapshotInputs {

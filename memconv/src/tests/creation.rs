@@ -1,0 +1,178 @@
+//! Creating the service: clear errors for bad configurations and missing resources, and
+//! hugetlb exhaustion during conversions as a clean error.
+
+use super::*;
+
+/// A hugetlb file on a private hugetlbfs mount limited to `pages` 2 MiB pages.
+fn limited_hugetlb_store(size: u64, pages: u64) -> crate::store::Store {
+    use std::ffi::CString;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = format!(
+        "/tmp/memconv-hugetlbfs-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let cdir = CString::new(dir.clone()).unwrap();
+    let opts = CString::new(format!("pagesize=2M,size={}", pages * HUGE_PAGE_SIZE)).unwrap();
+    // SAFETY: mount with valid C strings.
+    let r = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            cdir.as_ptr(),
+            c"hugetlbfs".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mounting a size-limited hugetlbfs at {dir} failed (need root): {}",
+        io::Error::last_os_error()
+    );
+    let path = format!("{dir}/store");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.set_len(size).unwrap();
+    // SAFETY: lazy unmount of our own mount; the open file keeps the fs alive.
+    unsafe { libc::umount2(cdir.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_dir(&dir);
+    crate::store::Store::from_fd(StoreKind::Hugetlb, "shared", size, OwnedFd::from(file)).unwrap()
+}
+
+#[test]
+fn hugetlb_exhaustion_is_a_clean_error() {
+    ensure_hugepages(64);
+    for private in [StoreKind::Memfd, StoreKind::Hugetlb] {
+        let size = 32 * MB;
+        let host = FakeHost::new();
+        let p = crate::store::Store::create(private, "private", size, None).unwrap();
+        let s = limited_hugetlb_store(size, 3);
+        let cfg = RamConfig {
+            size,
+            private,
+            shared: StoreKind::Hugetlb,
+            granularity: Granularity::Page4K,
+            cpus: 1,
+        };
+        let svc = ConversionService::with_stores(cfg, p, s, host.clone()).unwrap();
+        host.armed.store(true, Ordering::SeqCst);
+        let mut m = Model::new(size);
+        for pg in (2 * PAGES_PER_CHUNK)..(size / PAGE_SIZE) {
+            guest_fill(&host, &mut m, pg, pattern(pg, 3));
+        }
+        let c = |i: u64| i * HUGE_PAGE_SIZE;
+        assert_eq!(convert(&svc, &mut m, c(3), PAGES_PER_CHUNK, TO_SHARED), 0);
+        assert_eq!(convert(&svc, &mut m, c(5), 3, TO_SHARED), 0);
+        let slots = host.slot_count();
+        assert_eq!(
+            convert(&svc, &mut m, c(7) + PAGE_SIZE, 1, TO_SHARED),
+            abi::ERR_NO_MEMORY
+        );
+        assert_eq!(
+            convert(&svc, &mut m, c(9), PAGES_PER_CHUNK * 2, TO_SHARED),
+            abi::ERR_NO_MEMORY
+        );
+        assert_eq!(host.slot_count(), slots);
+        check_view(
+            &host,
+            &svc,
+            &m,
+            &[(c(7) / PAGE_SIZE, c(11) / PAGE_SIZE)],
+            "after ENOSPC",
+        );
+        check_accounting(&svc, true, "after ENOSPC");
+        // Same chunk as an existing shared page: no new huge page needed.
+        assert_eq!(
+            convert(&svc, &mut m, c(5) + 100 * PAGE_SIZE, 1, TO_SHARED),
+            0
+        );
+        // Free one and retry.
+        assert_eq!(convert(&svc, &mut m, c(3), PAGES_PER_CHUNK, TO_PRIVATE), 0);
+        assert_eq!(convert(&svc, &mut m, c(7) + PAGE_SIZE, 1, TO_SHARED), 0);
+        check_view(
+            &host,
+            &svc,
+            &m,
+            &[(c(3) / PAGE_SIZE, c(8) / PAGE_SIZE)],
+            "after retry",
+        );
+        let st = svc.stats();
+        assert_eq!(st.rejects[abi::ERR_NO_MEMORY as usize - 1].count, 2);
+    }
+}
+
+#[test]
+fn creation_errors_are_clear() {
+    let host = FakeHost::new();
+    let cfg = |size, private, shared| RamConfig {
+        size,
+        private,
+        shared,
+        granularity: Granularity::Page4K,
+        cpus: 1,
+    };
+    let e = ConversionService::new(
+        cfg(32 * MB + 4096, StoreKind::Memfd, StoreKind::Memfd),
+        host.clone(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("multiple of 2 MiB"), "{e}");
+    let e = ConversionService::new(
+        cfg(8 * MB, StoreKind::Memfd, StoreKind::Memfd),
+        host.clone(),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(e, crate::Error::BadSize { .. }));
+    let e = ConversionService::new(
+        cfg(32 * MB, StoreKind::Memfd, StoreKind::Gmem),
+        host.clone(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("private store"), "{e}");
+    struct NoGmem;
+    impl HostVm for NoGmem {
+        fn set_memslot(&self, _: u32, _: u64, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn create_guest_memfd(&self, _: u64, _: u64) -> io::Result<OwnedFd> {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+        fn pause_vcpus(&self) {}
+        fn resume_vcpus(&self) {}
+    }
+    let e = ConversionService::new(
+        cfg(32 * MB, StoreKind::Gmem, StoreKind::Memfd),
+        Arc::new(NoGmem),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("guest_memfd"), "{e}");
+    let msg = crate::store::huge_pages_error(1 << 40).to_string();
+    assert!(
+        msg.contains("need 1099511627776")
+            && msg.contains("echo")
+            && msg.contains("/proc/sys/vm/nr_hugepages"),
+        "{msg}"
+    );
+    let e = ConversionService::new(
+        cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb),
+        host,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("huge pages"), "{e}");
+    assert_eq!("hugetlb".parse::<StoreKind>().unwrap(), StoreKind::Hugetlb);
+    assert_eq!("2m".parse::<Granularity>().unwrap().to_string(), "2m");
+    assert!("1g".parse::<Granularity>().is_err());
+}
