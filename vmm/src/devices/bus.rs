@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-
 /// Errors building the bus.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
