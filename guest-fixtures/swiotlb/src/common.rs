@@ -4,8 +4,9 @@
 
 use crate::config::Config;
 use crate::convert::Converter;
+use crate::error::MapError;
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts};
+use crate::policy::{Direction, MapOpts};
 use crate::slots::{Request, SEGMENT_BYTES};
 use crate::stats::Stats;
 
@@ -69,6 +70,14 @@ impl<'p> Common<'p> {
             // SAFETY: per the function contract.
             unsafe { copy(bounce, orig, len) };
         }
+    }
+
+    /// A map's result, its failure counted.
+    pub fn map_result(&self, r: Result<u64, MapError>) -> Result<u64, MapError> {
+        if r.is_err() {
+            self.stats.map_failed();
+        }
+        r
     }
 
     /// Count a refused unmap / sync / free and pass the error on.

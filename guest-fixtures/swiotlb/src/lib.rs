@@ -16,10 +16,11 @@
 //! while pool.background_work() {}                               // worker vCPU, or between requests
 //! ```
 //!
-//! Modules: [`platform`] (the environment trait), [`lock`], [`stats`], [`convert`] (checked,
+//! Modules: [`platform`] (the environment trait), (the spinlock is `rtcore::sync`'s), [`stats`], [`convert`] (checked,
 //! counted conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets
 //! of slot pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
-//! [`policy`] (the trait), [`build`] (construction by name), one module per policy, and
+//! [`policy`] (the trait), [`error`] (the error types), [`build`] (construction by name),
+//! `pooled` (what the slot-pool policies share), one module per policy, and
 //! `host` (a host-memory [`Platform`] for tests and benchmarks, feature `host`).
 #![cfg_attr(not(test), no_std)]
 
@@ -30,10 +31,11 @@ mod common;
 pub mod config;
 pub mod convert;
 pub mod dynamic;
+pub mod error;
 pub mod legacy;
-pub mod lock;
 pub mod platform;
 pub mod policy;
+mod pooled;
 mod pools;
 pub mod refill;
 pub mod slots;
@@ -48,13 +50,14 @@ pub mod host;
 mod tests;
 
 pub use aligned2m::Aligned2m;
-pub use build::{AnyPolicy, BuildError};
+pub use build::AnyPolicy;
 pub use config::{Config, ConfigError, PolicyKind};
 pub use convert::{ConvError, Converter};
 pub use dynamic::Dynamic;
+pub use error::{BuildError, MapError};
 pub use legacy::Legacy;
 pub use platform::{ConvertError, Platform, Range};
-pub use policy::{Direction, MapError, MapOpts, Policy};
+pub use policy::{Direction, MapOpts, Policy};
 pub use refill::Refill;
 pub use stats::{ExtraStats, Stats};
 pub use throttle::Throttle;

@@ -12,17 +12,18 @@
 //! a free-list entry names (batch, buffer), so a map needs no search. Batches are never
 //! given back while the policy lives (a class owns at most 4x its watermark).
 
-use crate::build::BuildError;
 use crate::coherent::CoherentTable;
 use crate::common::{copy, Common};
 use crate::config::{Config, REFILL_CLASSES};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::platform::{align_up, Platform, PrivatePages, Range, PAGE};
-use crate::policy::{Direction, MapError, MapOpts, Policy};
+use crate::policy::{Direction, MapOpts, Policy};
 use crate::stats::ExtraStats;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::*};
 use memconv::abi::{PoolReport, HUGE_PAGE_SIZE};
+use rtcore::sync::SpinLock;
 
 const NCLASS: usize = REFILL_CLASSES.len();
 /// Largest buffer.

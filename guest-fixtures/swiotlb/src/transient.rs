@@ -3,12 +3,13 @@
 //! records the live ones (fixed capacity, in private pages) so unmaps and syncs can be
 //! checked.
 
-use crate::build::BuildError;
 use crate::common::{copy, Common};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::platform::{align_up, PrivatePages, Range, PAGE};
-use crate::policy::{Direction, MapError, MapOpts};
+use crate::policy::{Direction, MapOpts};
+use rtcore::sync::SpinLock;
 
 const FREE: u8 = 0;
 const RESERVED: u8 = 1;
