@@ -30,6 +30,8 @@
 //! host-testable crate can depend on rt with `default-features = false` to get only the pure
 //! parts).
 #![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bootinfo;
 pub mod hypercall;

@@ -23,6 +23,8 @@
 //! `pooled` (what the slot-pool policies share), one module per policy, and
 //! `host` (a host-memory [`Platform`] for tests and benchmarks, feature `host`).
 #![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod aligned2m;
 pub mod build;

@@ -313,3 +313,54 @@ fn non_block_devices_are_refused() {
     let dma = FakeDma::new(1 << 16);
     assert_eq!(init(&Net, &dma, &mut []), Err(BlkError::NotBlock(1)));
 }
+
+#[test]
+fn a_mapping_made_apart_from_the_queue_ends_in_the_driver() {
+    let dma = FakeDma::new(1 << 20);
+    let dev = FakeDev::new(&dma);
+    let mut q0 = BlkQueue::empty();
+    init(&dev, &dma, &mut [&mut q0]).unwrap();
+    let q = &mut q0;
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 13) as u8).collect();
+    let mut back = vec![0u8; 4096];
+    // Mapped without the queue, submitted later, unmapped by the completion.
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 4096) }.unwrap();
+    assert_eq!(dma.maps.borrow().len(), 1);
+    q.submit_mapping(&dma, 8, m, 1).unwrap();
+    q.kick(&dev);
+    assert!(wait(q, &dev, &dma).ok());
+    assert!(dma.maps.borrow().is_empty());
+    let m = unsafe { Mapping::new(&dma, Op::Read, back.as_mut_ptr() as u64, 4096) }.unwrap();
+    q.submit_mapping(&dma, 8, m, 2).unwrap();
+    q.kick(&dev);
+    assert!(wait(q, &dev, &dma).ok());
+    assert_eq!(back, data);
+    // Released unused: unmapped.
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 512) }.unwrap();
+    m.release(&dma).unwrap();
+    assert!(dma.maps.borrow().is_empty());
+    // Refused by a full ring: unmapped by the driver, nothing submitted.
+    for i in 0..85 {
+        unsafe { q.submit(&dma, Op::Write, 0, data.as_ptr() as u64, 512, i) }.unwrap();
+    }
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 512) }.unwrap();
+    assert_eq!(
+        q.submit_mapping(&dma, 0, m, 99),
+        Err(BlkError::Ring(RingError::Full))
+    );
+    assert_eq!(dma.maps.borrow().len(), 85);
+    assert_eq!(
+        unsafe { Mapping::new(&dma, Op::Read, data.as_ptr() as u64, 100) },
+        Err(BlkError::BadLength(100))
+    );
+}
+
+#[test]
+fn a_refused_conversion_keeps_its_code() {
+    let e = BlkError::Dma(DmaError::Conversion(memconv::abi::ERR_NO_MEMORY));
+    let shown = std::format!("{e}");
+    assert!(
+        shown.contains(memconv::abi::status_name(memconv::abi::ERR_NO_MEMORY)),
+        "{shown}"
+    );
+}
