@@ -56,7 +56,7 @@ impl Policy for Aligned2m<'_> {
         loop {
             let seen = self.p.pools.generation();
             // SAFETY: forwarded map contract.
-            match unsafe { self.p.map(orig, len, dir, &opts, 0) } {
+            match unsafe { self.p.pools.map(&self.p.c, orig, len, dir, &opts, 0) } {
                 Ok(al) => return Ok(al.bounce),
                 Err(MapError::NoSpace)
                     if !retried && opts.may_block && self.growth.grow_inline(&self.p, seen) =>

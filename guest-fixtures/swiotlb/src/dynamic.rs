@@ -62,7 +62,7 @@ impl Policy for Dynamic<'_> {
         opts: MapOpts,
     ) -> Result<u64, MapError> {
         // SAFETY: forwarded map contract.
-        let r = match unsafe { self.p.map(orig, len, dir, &opts, 0) } {
+        let r = match unsafe { self.p.pools.map(&self.p.c, orig, len, dir, &opts, 0) } {
             Ok(al) => Ok(al.bounce),
             Err(MapError::NoSpace) => {
                 self.growth.schedule(&self.p);

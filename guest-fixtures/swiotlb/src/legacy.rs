@@ -55,7 +55,7 @@ impl Policy for Legacy<'_> {
         opts: MapOpts,
     ) -> Result<u64, MapError> {
         // SAFETY: forwarded map contract.
-        let r = unsafe { self.p.map(orig, len, dir, &opts, 0) };
+        let r = unsafe { self.p.pools.map(&self.p.c, orig, len, dir, &opts, 0) };
         self.p.c.map_result(r.map(|al| al.bounce))
     }
 

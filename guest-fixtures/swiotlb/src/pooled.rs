@@ -9,7 +9,7 @@ use crate::common::Common;
 use crate::config::Config;
 use crate::error::{BuildError, MapError};
 use crate::platform::Platform;
-use crate::policy::{Direction, MapOpts};
+use crate::policy::Direction;
 use crate::pools::PoolSet;
 use crate::slots::Alloc;
 use crate::stats::ExtraStats;
@@ -48,23 +48,6 @@ impl<'p> Pooled<'p> {
             pools,
             coherent: CoherentTable::new(),
         })
-    }
-
-    /// Map from the pools with `flags` (a failure is not counted: the caller may still serve
-    /// the map another way).
-    ///
-    /// # Safety
-    /// The map contract of [`crate::Policy::map_with`].
-    pub unsafe fn map(
-        &self,
-        orig: u64,
-        len: usize,
-        dir: Direction,
-        opts: &MapOpts,
-        flags: u8,
-    ) -> Result<Alloc, MapError> {
-        // SAFETY: forwarded map contract.
-        unsafe { self.pools.map(&self.c, orig, len, dir, opts, flags) }
     }
 
     /// Unmap a pool mapping; a refused call is counted.

@@ -110,7 +110,7 @@ impl Policy for Throttle<'_> {
             let flags = if took { FLAG_THROTTLED } else { 0 };
             loop {
                 // SAFETY: forwarded map contract.
-                match unsafe { p.map(orig, len, dir, &opts, flags) } {
+                match unsafe { p.pools.map(c, orig, len, dir, &opts, flags) } {
                     Ok(al) => break 'map Ok(al.bounce),
                     Err(MapError::NoSpace) => {
                         if plat.now_ns() >= deadline {
