@@ -89,6 +89,23 @@ impl<'p> Common<'p> {
     }
 }
 
+/// The copy of a sync of `[addr, addr + len)`, part of a mapping in direction `dir` whose
+/// original part is at `orig`: original -> bounce before the device reads (`for_device`),
+/// bounce -> original before the CPU reads.
+///
+/// # Safety
+/// `[addr, addr + len)` lies in a live bounce buffer this pool validated, and
+/// `[orig, orig + len)` in its original (the map contract).
+pub(crate) unsafe fn sync_copy(addr: u64, orig: u64, len: usize, dir: Direction, for_device: bool) {
+    if for_device && dir.to_device() {
+        // SAFETY: per the function contract.
+        unsafe { copy(addr, orig, len) };
+    } else if !for_device && dir.from_device() {
+        // SAFETY: per the function contract.
+        unsafe { copy(orig, addr, len) };
+    }
+}
+
 /// Copy `len` bytes from `src` to `dst` (physical addresses, identity mapped).
 ///
 /// # Safety

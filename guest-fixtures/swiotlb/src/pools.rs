@@ -9,7 +9,7 @@
 //! it; a map never enters a retiring pool, and an unmap waits for the retirement to be
 //! settled (it can only concern that pool if it is bogus, since the pool is empty).
 
-use crate::common::{copy, zero, Common};
+use crate::common::{copy, sync_copy, zero, Common};
 use crate::convert::ConvError;
 use crate::error::BuildError;
 use crate::error::MapError;
@@ -365,13 +365,8 @@ impl PoolSet {
             .ok_or(MapError::NotMapped)??;
         let dir = Direction::from_bits(al.flags);
         let orig = al.orig + (addr - al.bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live mapping (validated) and its original (the map contract).
-            unsafe { copy(addr, orig, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(orig, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, orig, len, dir, for_device) };
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 //! given back while the policy lives (a class owns at most 4x its watermark).
 
 use crate::coherent::CoherentTable;
-use crate::common::{copy, Common};
+use crate::common::{copy, sync_copy, Common};
 use crate::config::{Config, REFILL_CLASSES};
 use crate::convert::ConvError;
 use crate::error::BuildError;
@@ -67,6 +67,22 @@ struct FreeList {
 
 // SAFETY: the stack is private memory owned by the class, reached only under its lock.
 unsafe impl Send for FreeList {}
+
+impl FreeList {
+    /// Push buffer `k` of batch `bi` (dropped if the stack is full: the stack pages are sized
+    /// for the class's most buffers, so it never is).
+    fn push(&mut self, bi: usize, k: usize) {
+        if self.top < self.cap {
+            // SAFETY: `top < cap` entries fit the stack pages.
+            unsafe {
+                self.stack
+                    .add(self.top as usize)
+                    .write((bi as u64) << 32 | k as u64)
+            };
+            self.top += 1;
+        }
+    }
+}
 
 struct Class {
     size: usize,
@@ -319,15 +335,7 @@ impl<'p> Refill<'p> {
         {
             let mut l = cls.list.lock();
             for k in 0..nbuf {
-                if l.top < l.cap {
-                    // SAFETY: `top < cap` entries fit the stack pages.
-                    unsafe {
-                        l.stack
-                            .add(l.top as usize)
-                            .write((bi as u64) << 32 | k as u64)
-                    };
-                    l.top += 1;
-                }
+                l.push(bi, k as usize);
             }
             cls.free.store(l.top, Relaxed);
         }
@@ -524,15 +532,7 @@ impl Policy for Refill<'_> {
             unsafe { self.meta(b, k) }.state = FREE;
             let bi = (b as *const Batch as usize - self.batches as usize)
                 / core::mem::size_of::<Batch>();
-            if l.top < l.cap {
-                // SAFETY: `top < cap` entries fit the stack pages.
-                unsafe {
-                    l.stack
-                        .add(l.top as usize)
-                        .write((bi as u64) << 32 | k as u64)
-                };
-                l.top += 1;
-            }
+            l.push(bi, k);
             cls.free.store(l.top, Relaxed);
         }
         self.c.stats.unmapped(cls.size as u64);
@@ -637,13 +637,8 @@ impl Refill<'_> {
             return Err(MapError::Mismatch);
         }
         let o = orig + (addr - bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live buffer and its original (the map contract).
-            unsafe { copy(addr, o, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(o, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, o, len, dir, for_device) };
         Ok(())
     }
 }

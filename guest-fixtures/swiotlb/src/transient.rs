@@ -3,7 +3,7 @@
 //! records the live ones (fixed capacity, in private pages) so unmaps and syncs can be
 //! checked.
 
-use crate::common::{copy, Common};
+use crate::common::{copy, sync_copy, Common};
 use crate::convert::ConvError;
 use crate::error::BuildError;
 use crate::error::MapError;
@@ -189,13 +189,8 @@ impl TransientTable {
         }
         let dir = Direction::from_bits(e.dir);
         let orig = e.orig + (addr - e.bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live buffer and its original (the map contract).
-            unsafe { copy(addr, orig, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(orig, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, orig, len, dir, for_device) };
         Ok(())
     }
 
