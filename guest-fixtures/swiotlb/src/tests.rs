@@ -1087,8 +1087,8 @@ fn external_policy_plugs_in() {
     }
     let b = Broken(AtomicU64::new(0));
     let p: &dyn Policy = &b;
-    // SAFETY: the broken policy never dereferences.
     assert_eq!(
+        // SAFETY: the broken policy never dereferences.
         unsafe { p.map(0x5000, 10, Direction::ToDevice, true) },
         Ok(0x5000)
     );

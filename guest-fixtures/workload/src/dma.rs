@@ -86,6 +86,7 @@ mod tests {
         let pool = AnyPolicy::new(&cfg, &plat).unwrap();
         let dma = PolicyDma(&pool);
         let data = std::vec![7u8; 4096];
+        // SAFETY: `data` is this test's live buffer, left alone until the unmap below.
         let bounce = unsafe { dma.map(data.as_ptr() as u64, 4096, Dir::ToDevice) }.unwrap();
         assert!(plat.is_shared(bounce, 4096));
         dma.unmap(bounce, 4096, Dir::ToDevice).unwrap();

@@ -218,7 +218,7 @@ mod tests {
         let r = Sizes::Range(512, 4096);
         for rnd in 0..100 {
             let n = r.pick(rnd);
-            assert!((512..=4096).contains(&n) && n % 512 == 0);
+            assert!((512..=4096).contains(&n) && n.is_multiple_of(512));
         }
         assert_eq!(r.max(), 4096);
         assert_eq!(parse_sizes("4k,64k,8k").unwrap().max(), 65536);
