@@ -11,6 +11,9 @@
 //! min-align mask below its size. Free lists and per-buffer records live in private pages;
 //! a free-list entry names (batch, buffer), so a map needs no search. Batches are never
 //! given back while the policy lives (a class owns at most 4x its watermark).
+//!
+//! Over 600 lines (~640) on purpose: the batch table, the free lists and the map / unmap /
+//! sync paths share one set of unsafe metadata invariants, kept in one file to be read together.
 
 use crate::coherent::CoherentTable;
 use crate::common::{copy, sync_copy, Common};
