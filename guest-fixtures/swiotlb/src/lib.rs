@@ -16,12 +16,13 @@
 //! while pool.background_work() {}                               // worker vCPU, or between requests
 //! ```
 //!
-//! Modules: [`platform`] (the environment trait), (the spinlock is `rtcore::sync`'s), [`stats`], [`convert`] (checked,
-//! counted conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets
-//! of slot pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
+//! Modules: [`platform`] (the environment trait), [`stats`], [`convert`] (checked, counted
+//! conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets of slot
+//! pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
 //! [`policy`] (the trait), [`error`] (the error types), [`build`] (construction by name),
-//! `pooled` (what the slot-pool policies share), one module per policy, and
-//! `host` (a host-memory [`Platform`] for tests and benchmarks, feature `host`).
+//! `pooled` (what the slot-pool policies share), one module per policy, and `host` (a
+//! host-memory [`Platform`] for tests and benchmarks, feature `host`). The spinlock is
+//! `rtcore::sync::SpinLock`, shared with the runtime.
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
