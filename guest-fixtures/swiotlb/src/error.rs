@@ -11,7 +11,7 @@ use core::fmt;
 pub enum MapError {
     /// Zero length, an address range that wraps, or a mask not of the form 2^k - 1.
     InvalidArgument,
-    /// Longer than the policy's largest mapping (see [`Policy::max_mapping_size`]).
+    /// Longer than the policy's largest mapping (see [`crate::Policy::max_mapping_size`]).
     TooLarge,
     /// No room in the pool (and no other way to serve the map now).
     NoSpace,
