@@ -2,8 +2,10 @@
 """Module import circles in the guest crates.
 
 For every crate under guest-fixtures/ (a directory with Cargo.toml and src/), builds the graph
-"top-level module A refers to `crate::B`" from every `crate::` path in A's code (comments and
-doc links are not imports; a module's
+"file module A refers to module B" from every `crate::`, `super::` and child-relative path in
+A's code (nested
+modules count on their own: `a/b.rs` is `a::b`; comments and doc links are not imports; inline
+`mod x { }` blocks count as part of their file; a module's
 own `mod tests` at the end of its file and the crate's test-only modules are left out: test
 code may look at anything), then prints every strongly connected component of more than one
 module (a circle). Exit status 1 if there is one.
@@ -15,11 +17,12 @@ import re
 import sys
 
 ROOT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..")
-PATH_RE = re.compile(r"\bcrate::(\w+)")
-GROUP_RE = re.compile(r"\bcrate::\{([^}]*)\}")
+PATH_RE = re.compile(r"\b(crate|super)((?:::\w+)+)")
+GROUP_RE = re.compile(r"\b(crate|super)((?:::\w+)*)::\{([^}]*)\}")
 TEST_MOD_RE = re.compile(r"^#\[cfg\(test\)\]\s*\n\s*mod tests\b", re.M)
 ROOT_FILES = {"lib.rs", "main.rs"}
 COMMENT_RE = re.compile(r"//[^\n]*")
+CHILD_RE = re.compile(r"(?<![:\w])(\w+)::")
 
 
 def strip_tests(text):
@@ -32,10 +35,10 @@ def test_only_modules(lib_text):
     return set(re.findall(r"#\[cfg\(test\)\]\s*\n\s*(?:pub(?:\(crate\))?\s+)?mod (\w+);", lib_text))
 
 
-def crate_graph(src):
+def module_files(src):
+    """(module path tuple, file) for every file module of the crate, tests and bins left out."""
     lib = os.path.join(src, "lib.rs")
     skip = test_only_modules(open(lib).read()) if os.path.exists(lib) else set()
-    graph = {}
     for dirpath, _, files in os.walk(src):
         for f in files:
             if not f.endswith(".rs"):
@@ -44,18 +47,45 @@ def crate_graph(src):
             parts = rel[:-3].split(os.sep)
             if parts[0] == "bin" or (len(parts) == 1 and f in ROOT_FILES):
                 continue
-            module = parts[0]
-            if module in skip or (len(parts) > 1 and parts[-1] in skip):
+            if parts[-1] == "mod":
+                parts = parts[:-1]
+            if parts[0] in skip or parts[-1] == "tests":
                 continue
-            text = strip_tests(open(os.path.join(dirpath, f)).read())
-            text = COMMENT_RE.sub("", text)  # doc links are not imports
-            deps = set(PATH_RE.findall(text))
-            for group in GROUP_RE.findall(text):
-                deps |= {g.strip().split("::")[0] for g in group.split(",") if g.strip()}
-            deps.discard(module)
-            graph.setdefault(module, set()).update(deps)
-    for m in graph:
-        graph[m] &= set(graph)  # only modules (not re-exports such as `crate::Policy`)
+            yield tuple(parts), os.path.join(dirpath, f)
+
+
+def resolve(known, path):
+    """The longest prefix of `path` that is a known module (None: the crate root or an item)."""
+    for n in range(len(path), 0, -1):
+        if path[:n] in known:
+            return path[:n]
+    return None
+
+
+def crate_graph(src):
+    files = dict(module_files(src))
+    known = set(files)
+    graph = {m: set() for m in known}
+    for module, path in files.items():
+        text = COMMENT_RE.sub("", strip_tests(open(path).read()))  # doc links are not imports
+        refs = []
+        for kind, rest in PATH_RE.findall(text):
+            refs.append((kind, rest.strip(":").split("::")))
+        for kind, rest, group in GROUP_RE.findall(text):
+            head = [p for p in rest.strip(":").split("::") if p]
+            for item in group.split(","):
+                item = item.strip()
+                if item:
+                    refs.append((kind, head + item.split("::")[0:1]))
+        # Paths relative to this module (`use child::x;`, `child::f()`) name its own children.
+        for word in set(CHILD_RE.findall(text)):
+            if module + (word,) in known:
+                graph[module].add(module + (word,))
+        for kind, segs in refs:
+            base = () if kind == "crate" else module[:-1]
+            target = resolve(known, base + tuple(segs))
+            if target is not None and target != module:
+                graph[module].add(target)
     return graph
 
 
@@ -104,7 +134,8 @@ def main():
         if cs:
             found = True
             for c in cs:
-                print(f"{crate}: circle of {len(c)} modules: {' '.join(c)}")
+                names = " ".join("::".join(m) for m in c)
+                print(f"{crate}: circle of {len(c)} modules: {names}")
         else:
             print(f"{crate}: {len(graph)} modules, {edges} edges, no circle")
     sys.exit(1 if found else 0)
