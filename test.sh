@@ -7,6 +7,6 @@ cd "$(dirname "$0")"
 cargo fmt --all -- --check
 (cd guest-fixtures && cargo fmt --all -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
-(cd guest-fixtures && cargo clippy --release -p rt -p fixtures -p swiotlb -p virtio -- -D warnings)
-(cd guest-fixtures && cargo test -p rt -p swiotlb -p virtio)
+(cd guest-fixtures && cargo clippy --release -p rt -p rtcore -p fixtures -p swiotlb -p virtio -p workload -- -D warnings)
+(cd guest-fixtures && cargo test -p rt -p rtcore -p swiotlb -p virtio -p workload)
 cargo test --workspace

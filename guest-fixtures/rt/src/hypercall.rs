@@ -335,15 +335,23 @@ mod tests {
 
         fn process(&mut self) {
             self.rings += 1;
+            // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the
+            // transport take turns on it, never at once.
             let h: MailboxHeader = unsafe { std::ptr::read(self.mb().cast()) };
             if h.magic != MAILBOX_MAGIC || h.cur_entry > h.end_entry {
+                // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the
+                // transport take turns on it, never at once.
                 unsafe { (*self.mb().cast::<MailboxHeader>()).status = ERR_BAD_REQUEST };
                 return;
             }
+            // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the
+            // transport take turns on it, never at once.
             let ents: *mut MailboxEntry = unsafe { self.mb().add(MAILBOX_ENTRIES_OFFSET).cast() };
             let stop = h.end_entry.min(h.cur_entry + self.per_ring);
             let mut first = STATUS_OK;
             for i in h.cur_entry..stop {
+                // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the
+                // transport take turns on it, never at once.
                 let e = unsafe { &mut *ents.add(i as usize) };
                 self.seen.push((e.gpa, e.npages, h.op));
                 e.status = if e.gpa % PAGE_SIZE != 0 {
@@ -358,6 +366,8 @@ mod tests {
                 }
             }
             let hp = self.mb().cast::<MailboxHeader>();
+            // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the
+            // transport take turns on it, never at once.
             unsafe {
                 (*hp).cur_entry = stop;
                 (*hp).status = first;
@@ -368,7 +378,8 @@ mod tests {
     fn run(host: &mut FakeHost, op: u32, entries: &mut [MailboxEntry]) -> Batch {
         let mb = host.mb();
         let hp: *mut FakeHost = host;
-        // SAFETY (test): the fake host and the transport take turns on the page.
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         unsafe { run_batch(mb, op, entries, &mut || (*hp).process()) }
     }
 
@@ -424,6 +435,8 @@ mod tests {
         let mb = host.mb();
         let hp: *mut FakeHost = &mut host;
         let mut es = [entry(0, 1, 0)];
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let b = unsafe {
             run_batch(mb, OP_CONVERT, &mut es, &mut || {
                 (*mb.cast::<MailboxHeader>()).magic = 0;
@@ -464,23 +477,35 @@ mod tests {
         r.policy[..6].copy_from_slice(b"legacy");
         r.io_errors = 0x1122_3344;
         // A host that does not answer: ERR_INTERNAL.
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let st = unsafe { run_report(mb, &r, &mut || {}) };
         assert_eq!(st, ERR_INTERNAL);
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let st = unsafe {
             run_report(mb, &r, &mut || {
                 (*mb.cast::<MailboxHeader>()).status = STATUS_OK;
             })
         };
         assert_eq!(st, STATUS_OK);
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let h: MailboxHeader = unsafe { std::ptr::read(mb.cast()) };
         assert_eq!(
             (h.magic, h.op, h.arg),
             (MAILBOX_MAGIC, OP_REPORT, size_of::<PoolReport>() as u64)
         );
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let got: PoolReport = unsafe { std::ptr::read(mb.add(MAILBOX_ENTRIES_OFFSET).cast()) };
         assert_eq!(got, r);
         let mut rung = 0;
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         unsafe { run_exit(mb, 77, &mut || rung += 1) };
+        // SAFETY: (test) `mb` is the fake host's live mailbox page; the fake host and the transport
+        // take turns on it, never at once.
         let h: MailboxHeader = unsafe { std::ptr::read(mb.cast()) };
         assert_eq!(
             (h.op, h.arg, h.cur_entry, h.end_entry, rung),

@@ -23,19 +23,22 @@
 //! `str::from_utf8` or `str::split`. Check with `objdump -d` (see `tools/check-sse.sh`).
 //!
 //! # Host tests
-//! The pure modules (`cmdline`, `numfmt`, `palloc`, `sync`, boot-info validation, the
-//! hypercall transport logic) build on the host: `cargo test -p rt`. The bare-metal parts are
+//! The pure modules (`numfmt`, `palloc`, boot-info validation, the hypercall transport logic)
+//! build on the host: `cargo test -p rt`; `cmdline` and `sync` live in the `rtcore` crate
+//! (re-exported here) so that other host-testable crates can use them. The bare-metal parts are
 //! compiled only outside `cfg(test)` and with the `bare-metal` feature (on by default; a
 //! host-testable crate can depend on rt with `default-features = false` to get only the pure
 //! parts).
 #![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bootinfo;
-pub mod cmdline;
 pub mod hypercall;
 pub mod numfmt;
 pub mod palloc;
-pub mod sync;
+
+pub use rtcore::{cmdline, sync};
 
 #[cfg(all(feature = "bare-metal", not(test)))]
 pub mod arch;

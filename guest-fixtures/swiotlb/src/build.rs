@@ -1,45 +1,17 @@
-//! Building a policy by name: [`AnyPolicy`] (one of the five built-in policies, chosen at
-//! run time from a [`Config`]) and [`BuildError`].
+//! Building a policy by name: [`AnyPolicy`], one of the five built-in policies, chosen at
+//! run time from a [`Config`] (its error, [`BuildError`], is in [`crate::error`]).
 
 use crate::aligned2m::Aligned2m;
 use crate::config::{Config, PolicyKind};
-use crate::convert::ConvError;
 use crate::dynamic::Dynamic;
+use crate::error::{BuildError, MapError};
 use crate::legacy::Legacy;
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts, Policy};
+use crate::policy::{Direction, MapOpts, Policy};
 use crate::refill::Refill;
 use crate::stats::ExtraStats;
 use crate::throttle::Throttle;
-use core::fmt;
 use memconv::abi::PoolReport;
-
-/// Why a policy could not be built.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BuildError {
-    /// The platform had no memory for the pool or its metadata.
-    NoMemory,
-    /// Converting the pool to shared failed or was refused.
-    Conversion(ConvError),
-    /// The configuration is inconsistent (e.g. an empty pool).
-    BadConfig,
-}
-
-impl fmt::Display for BuildError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BuildError::NoMemory => f.write_str("no memory for the bounce pool"),
-            BuildError::Conversion(e) => write!(f, "bounce pool: {e}"),
-            BuildError::BadConfig => f.write_str("bad pool configuration"),
-        }
-    }
-}
-
-impl From<ConvError> for BuildError {
-    fn from(e: ConvError) -> Self {
-        BuildError::Conversion(e)
-    }
-}
 
 /// One of the five built-in policies, chosen at run time. (The variants differ by a couple of
 /// KiB; without an allocator there is nothing to box them in.)

@@ -4,9 +4,9 @@
 
 use crate::common::{zero, Common};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::MapError;
 use crate::platform::{align_up, Range, PAGE};
-use crate::policy::MapError;
+use rtcore::sync::SpinLock;
 
 /// Most live direct coherent allocations per policy.
 pub const COHERENT_MAX: usize = 64;

@@ -4,8 +4,9 @@
 
 use crate::config::Config;
 use crate::convert::Converter;
+use crate::error::MapError;
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts};
+use crate::policy::{Direction, MapOpts};
 use crate::slots::{Request, SEGMENT_BYTES};
 use crate::stats::Stats;
 
@@ -71,12 +72,37 @@ impl<'p> Common<'p> {
         }
     }
 
+    /// A map's result, its failure counted.
+    pub fn map_result(&self, r: Result<u64, MapError>) -> Result<u64, MapError> {
+        if r.is_err() {
+            self.stats.map_failed();
+        }
+        r
+    }
+
     /// Count a refused unmap / sync / free and pass the error on.
     pub fn bad_call(&self, e: MapError) -> MapError {
         if matches!(e, MapError::NotMapped | MapError::Mismatch) {
             self.stats.bad_call();
         }
         e
+    }
+}
+
+/// The copy of a sync of `[addr, addr + len)`, part of a mapping in direction `dir` whose
+/// original part is at `orig`: original -> bounce before the device reads (`for_device`),
+/// bounce -> original before the CPU reads.
+///
+/// # Safety
+/// `[addr, addr + len)` lies in a live bounce buffer this pool validated, and
+/// `[orig, orig + len)` in its original (the map contract).
+pub(crate) unsafe fn sync_copy(addr: u64, orig: u64, len: usize, dir: Direction, for_device: bool) {
+    if for_device && dir.to_device() {
+        // SAFETY: per the function contract.
+        unsafe { copy(addr, orig, len) };
+    } else if !for_device && dir.from_device() {
+        // SAFETY: per the function contract.
+        unsafe { copy(orig, addr, len) };
     }
 }
 

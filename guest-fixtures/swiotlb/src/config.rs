@@ -314,6 +314,16 @@ impl Config {
         Ok(())
     }
 
+    /// Pools that never retire (dynamic, aligned-2m): the boot pool, or all when shrinking
+    /// is off.
+    pub fn permanent_pools(&self) -> usize {
+        if self.shrink_idle_ms > 0 {
+            1
+        } else {
+            self.max_pools as usize
+        }
+    }
+
     /// The legacy boot pool: `pool`, or 6% of RAM clamped to [64 MiB, 1 GiB]; a multiple of
     /// 256 KiB.
     pub fn legacy_pool_bytes(&self) -> u64 {

@@ -36,6 +36,17 @@ impl fmt::Display for ConvError {
     }
 }
 
+impl ConvError {
+    /// The host's status code (`memconv::abi` `ERR_*`), unless the guest refused the request
+    /// before it reached the host.
+    pub fn status_code(&self) -> Option<u32> {
+        match *self {
+            ConvError::Refused => None,
+            ConvError::Host(code) | ConvError::Stuck(code) => Some(code),
+        }
+    }
+}
+
 /// Checked, counted access to [`Platform::convert`].
 #[derive(Clone, Copy)]
 pub struct Converter<'p> {

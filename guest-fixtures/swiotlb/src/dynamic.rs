@@ -5,95 +5,53 @@
 //! [`Policy::background_work`] performs the growth, and, with `shrink_ms=`, converts back and
 //! frees grown pools that have had nothing mapped for that long.
 
-use crate::build::BuildError;
-use crate::coherent::CoherentTable;
-use crate::common::Common;
 use crate::config::Config;
-use crate::legacy::build_error;
+use crate::error::{BuildError, MapError};
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts, Policy};
-use crate::pools::PoolSet;
+use crate::policy::{Direction, MapOpts, Policy};
+use crate::pooled::{Growth, Pooled};
 use crate::slots::SEGMENT_BYTES;
 use crate::stats::ExtraStats;
 use crate::transient::TransientTable;
-use core::sync::atomic::{AtomicBool, Ordering};
-use memconv::abi::{PoolReport, HUGE_PAGE_SIZE};
-
-/// Pools that never retire: the boot pool, or all when shrinking is off.
-pub(crate) fn permanent(cfg: &Config) -> usize {
-    if cfg.shrink_idle_ms > 0 {
-        1
-    } else {
-        cfg.max_pools as usize
-    }
-}
+use memconv::abi::PoolReport;
 
 /// The dynamic policy.
 pub struct Dynamic<'p> {
-    c: Common<'p>,
-    pools: PoolSet,
+    p: Pooled<'p>,
     transient: TransientTable,
-    coherent: CoherentTable,
-    grow_pending: AtomicBool,
-    grow_bytes: usize,
-    max_pools: usize,
-    max_bytes: u64,
-    shrink_ns: u64,
+    growth: Growth,
 }
 
 impl<'p> Dynamic<'p> {
     /// Allocate and convert the boot pool (`cfg.dynamic_pool_bytes()`).
     pub fn new(cfg: &Config, plat: &'p dyn Platform) -> Result<Self, BuildError> {
-        let c = Common::new(cfg, plat, false);
-        let max_pools = cfg.max_pools as usize;
-        let mut pools = PoolSet::new(plat, max_pools, cfg.cpus as usize, permanent(cfg))?;
         let boot = usize::try_from(cfg.dynamic_pool_bytes()).map_err(|_| BuildError::BadConfig)?;
-        if let Err(e) = pools.add(&c, boot, HUGE_PAGE_SIZE as usize, false, None) {
-            pools.destroy(&c);
-            return Err(build_error(e));
-        }
-        let transient = match TransientTable::new(&c, cfg.transient_max as usize) {
-            Ok(t) => t,
-            Err(e) => {
-                pools.destroy(&c);
-                return Err(e);
-            }
-        };
+        let max_pools = cfg.max_pools as usize;
+        let p = Pooled::new(cfg, plat, false, max_pools, cfg.permanent_pools(), boot)?;
+        let transient = TransientTable::new(&p.c, cfg.transient_max as usize)?;
         Ok(Dynamic {
-            c,
-            pools,
+            p,
             transient,
-            coherent: CoherentTable::new(),
-            grow_pending: AtomicBool::new(false),
-            grow_bytes: cfg.dynamic_grow_bytes() as usize,
-            max_pools,
-            max_bytes: cfg.max_bytes,
-            shrink_ns: cfg.shrink_idle_ms.saturating_mul(1_000_000),
+            growth: Growth::new(cfg, cfg.dynamic_grow_bytes() as usize),
         })
     }
 
     /// Number of pools now (boot pool included).
     pub fn pools(&self) -> usize {
-        self.pools.pools()
-    }
-
-    fn may_grow(&self) -> bool {
-        self.pools.pools() < self.max_pools
-            && self.c.stats.capacity() + self.grow_bytes as u64 <= self.max_bytes
+        self.p.pools.pools()
     }
 }
 
 impl Drop for Dynamic<'_> {
     fn drop(&mut self) {
-        self.transient.destroy(&self.c);
-        self.coherent.destroy(&self.c);
-        self.pools.destroy(&self.c);
+        // Before the pools and coherent memory (dropped with `p`).
+        self.transient.destroy(&self.p.c);
     }
 }
 
 impl Policy for Dynamic<'_> {
     fn name(&self) -> &'static str {
-        self.c.name
+        self.p.c.name
     }
 
     unsafe fn map_with(
@@ -104,88 +62,68 @@ impl Policy for Dynamic<'_> {
         opts: MapOpts,
     ) -> Result<u64, MapError> {
         // SAFETY: forwarded map contract.
-        let r = match unsafe { self.pools.map(&self.c, orig, len, dir, &opts, 0) } {
+        let r = match unsafe { self.p.pools.map(&self.p.c, orig, len, dir, &opts, 0) } {
             Ok(al) => Ok(al.bounce),
             Err(MapError::NoSpace) => {
-                if self.may_grow() {
-                    self.grow_pending.store(true, Ordering::Release);
-                }
+                self.growth.schedule(&self.p);
                 // SAFETY: forwarded map contract.
-                unsafe { self.transient.map(&self.c, orig, len, dir, &opts) }
+                unsafe { self.transient.map(&self.p.c, orig, len, dir, &opts) }
             }
             Err(e) => Err(e),
         };
-        if r.is_err() {
-            self.c.stats.map_failed();
-        }
-        r
+        self.p.c.map_result(r)
     }
 
     fn unmap(&self, bounce: u64, len: usize, dir: Direction) -> Result<(), MapError> {
-        let r = if self.pools.contains(bounce) {
-            self.pools.unmap(&self.c, bounce, len, dir).map(|_| ())
-        } else {
-            self.transient.unmap(&self.c, bounce, len, dir)
-        };
-        r.map_err(|e| self.c.bad_call(e))
+        if self.p.pools.contains(bounce) {
+            return self.p.unmap(bounce, len, dir).map(drop);
+        }
+        self.transient
+            .unmap(&self.p.c, bounce, len, dir)
+            .map_err(|e| self.p.c.bad_call(e))
     }
 
     fn sync_for_device(&self, bounce: u64, len: usize) -> Result<(), MapError> {
-        let r = if self.pools.contains(bounce) {
-            self.pools.sync(&self.c, bounce, len, true)
-        } else {
-            self.transient.sync(bounce, len, true)
-        };
-        r.map_err(|e| self.c.bad_call(e))
+        self.sync(bounce, len, true)
     }
 
     fn sync_for_cpu(&self, bounce: u64, len: usize) -> Result<(), MapError> {
-        let r = if self.pools.contains(bounce) {
-            self.pools.sync(&self.c, bounce, len, false)
-        } else {
-            self.transient.sync(bounce, len, false)
-        };
-        r.map_err(|e| self.c.bad_call(e))
+        self.sync(bounce, len, false)
     }
 
     fn alloc_coherent(&self, len: usize) -> Result<u64, MapError> {
-        self.coherent.alloc(&self.c, len, 4096)
+        self.p.alloc_coherent(len, 4096)
     }
 
     fn free_coherent(&self, addr: u64, len: usize) -> Result<(), MapError> {
-        self.coherent
-            .free(&self.c, addr, len)
-            .map_err(|e| self.c.bad_call(e))
+        self.p.free_coherent(addr, len, false)
     }
 
     fn background_work(&self) -> bool {
-        let mut did = false;
-        if self.grow_pending.swap(false, Ordering::AcqRel) && self.may_grow() {
-            // A failure is counted (grow_failures); the next failed map schedules again.
-            let _ = self.pools.add(
-                &self.c,
-                self.grow_bytes,
-                HUGE_PAGE_SIZE as usize,
-                true,
-                None,
-            );
-            did = true;
-        }
-        if self.shrink_ns > 0 && self.pools.shrink_idle(&self.c, self.shrink_ns) {
-            did = true;
-        }
-        did
+        self.growth.background_work(&self.p)
     }
 
     fn report(&self) -> PoolReport {
-        self.c.stats.report(self.c.name, 0)
+        self.p.report(0)
     }
 
     fn extra_stats(&self) -> ExtraStats {
-        self.c.stats.extra()
+        self.p.extra_stats()
     }
 
     fn max_mapping_size(&self) -> usize {
         SEGMENT_BYTES
+    }
+}
+
+impl Dynamic<'_> {
+    /// Sync a pool mapping or a transient buffer.
+    fn sync(&self, bounce: u64, len: usize, for_device: bool) -> Result<(), MapError> {
+        if self.p.pools.contains(bounce) {
+            return self.p.sync(bounce, len, for_device);
+        }
+        self.transient
+            .sync(bounce, len, for_device)
+            .map_err(|e| self.p.c.bad_call(e))
     }
 }

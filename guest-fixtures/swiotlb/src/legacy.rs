@@ -3,31 +3,18 @@
 //! coherent memory is allocated and converted per allocation, as a confidential guest's
 //! `dma_alloc_coherent` does. A map that finds no room fails.
 
-use crate::build::BuildError;
-use crate::coherent::CoherentTable;
-use crate::common::Common;
 use crate::config::Config;
+use crate::error::{BuildError, MapError};
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts, Policy};
-use crate::pools::PoolSet;
+use crate::policy::{Direction, MapOpts, Policy};
+use crate::pooled::Pooled;
 use crate::slots::SEGMENT_BYTES;
 use crate::stats::ExtraStats;
-use memconv::abi::{PoolReport, HUGE_PAGE_SIZE};
-
-/// Turn a growth failure at build time into a build error.
-pub(crate) fn build_error(e: MapError) -> BuildError {
-    match e {
-        MapError::NoMemory => BuildError::NoMemory,
-        MapError::Conversion(c) => BuildError::Conversion(c),
-        _ => BuildError::BadConfig,
-    }
-}
+use memconv::abi::PoolReport;
 
 /// The legacy policy.
 pub struct Legacy<'p> {
-    c: Common<'p>,
-    pools: PoolSet,
-    coherent: CoherentTable,
+    p: Pooled<'p>,
 }
 
 impl<'p> Legacy<'p> {
@@ -42,42 +29,22 @@ impl<'p> Legacy<'p> {
         plat: &'p dyn Platform,
         bytes: u64,
     ) -> Result<Self, BuildError> {
-        let c = Common::new(cfg, plat, false);
-        let mut pools = PoolSet::new(plat, 1, cfg.cpus as usize, 1)?;
         let bytes = usize::try_from(bytes.div_ceil(SEGMENT_BYTES as u64) * SEGMENT_BYTES as u64)
             .map_err(|_| BuildError::BadConfig)?;
-        if let Err(e) = pools.add(&c, bytes, HUGE_PAGE_SIZE as usize, false, None) {
-            pools.destroy(&c);
-            return Err(build_error(e));
-        }
         Ok(Legacy {
-            c,
-            pools,
-            coherent: CoherentTable::new(),
+            p: Pooled::new(cfg, plat, false, 1, 1, bytes)?,
         })
     }
 
-    /// The shared state (for the throttle policy, which wraps this one).
-    pub(crate) fn common(&self) -> &Common<'p> {
-        &self.c
-    }
-
-    /// The pool (for the throttle policy).
-    pub(crate) fn pools(&self) -> &PoolSet {
-        &self.pools
-    }
-}
-
-impl Drop for Legacy<'_> {
-    fn drop(&mut self) {
-        self.coherent.destroy(&self.c);
-        self.pools.destroy(&self.c);
+    /// The state and pool (for the throttle policy, which wraps this one).
+    pub(crate) fn pooled(&self) -> &Pooled<'p> {
+        &self.p
     }
 }
 
 impl Policy for Legacy<'_> {
     fn name(&self) -> &'static str {
-        self.c.name
+        self.p.c.name
     }
 
     unsafe fn map_with(
@@ -88,42 +55,28 @@ impl Policy for Legacy<'_> {
         opts: MapOpts,
     ) -> Result<u64, MapError> {
         // SAFETY: forwarded map contract.
-        match unsafe { self.pools.map(&self.c, orig, len, dir, &opts, 0) } {
-            Ok(al) => Ok(al.bounce),
-            Err(e) => {
-                self.c.stats.map_failed();
-                Err(e)
-            }
-        }
+        let r = unsafe { self.p.pools.map(&self.p.c, orig, len, dir, &opts, 0) };
+        self.p.c.map_result(r.map(|al| al.bounce))
     }
 
     fn unmap(&self, bounce: u64, len: usize, dir: Direction) -> Result<(), MapError> {
-        self.pools
-            .unmap(&self.c, bounce, len, dir)
-            .map(|_| ())
-            .map_err(|e| self.c.bad_call(e))
+        self.p.unmap(bounce, len, dir).map(drop)
     }
 
     fn sync_for_device(&self, bounce: u64, len: usize) -> Result<(), MapError> {
-        self.pools
-            .sync(&self.c, bounce, len, true)
-            .map_err(|e| self.c.bad_call(e))
+        self.p.sync(bounce, len, true)
     }
 
     fn sync_for_cpu(&self, bounce: u64, len: usize) -> Result<(), MapError> {
-        self.pools
-            .sync(&self.c, bounce, len, false)
-            .map_err(|e| self.c.bad_call(e))
+        self.p.sync(bounce, len, false)
     }
 
     fn alloc_coherent(&self, len: usize) -> Result<u64, MapError> {
-        self.coherent.alloc(&self.c, len, 4096)
+        self.p.alloc_coherent(len, 4096)
     }
 
     fn free_coherent(&self, addr: u64, len: usize) -> Result<(), MapError> {
-        self.coherent
-            .free(&self.c, addr, len)
-            .map_err(|e| self.c.bad_call(e))
+        self.p.free_coherent(addr, len, false)
     }
 
     fn background_work(&self) -> bool {
@@ -131,11 +84,11 @@ impl Policy for Legacy<'_> {
     }
 
     fn report(&self) -> PoolReport {
-        self.c.stats.report(self.c.name, 0)
+        self.p.report(0)
     }
 
     fn extra_stats(&self) -> ExtraStats {
-        self.c.stats.extra()
+        self.p.extra_stats()
     }
 
     fn max_mapping_size(&self) -> usize {

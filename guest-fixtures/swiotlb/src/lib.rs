@@ -16,12 +16,16 @@
 //! while pool.background_work() {}                               // worker vCPU, or between requests
 //! ```
 //!
-//! Modules: [`platform`] (the environment trait), [`lock`], [`stats`], [`convert`] (checked,
-//! counted conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets
-//! of slot pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
-//! [`policy`] (the trait), [`build`] (construction by name), one module per policy, and
-//! `host` (a host-memory [`Platform`] for tests and benchmarks, feature `host`).
+//! Modules: [`platform`] (the environment trait), [`stats`], [`convert`] (checked, counted
+//! conversions), [`slots`] (the kernel-style slot allocator), `pools` (ordered sets of slot
+//! pools), `coherent` and `transient` (per-allocation converted memory), [`config`],
+//! [`policy`] (the trait), [`error`] (the error types), [`build`] (construction by name),
+//! `pooled` (what the slot-pool policies share), one module per policy, and `host` (a
+//! host-memory [`Platform`] for tests and benchmarks, feature `host`). The spinlock is
+//! `rtcore::sync::SpinLock`, shared with the runtime.
 #![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod aligned2m;
 pub mod build;
@@ -30,10 +34,11 @@ mod common;
 pub mod config;
 pub mod convert;
 pub mod dynamic;
+pub mod error;
 pub mod legacy;
-pub mod lock;
 pub mod platform;
 pub mod policy;
+mod pooled;
 mod pools;
 pub mod refill;
 pub mod slots;
@@ -48,13 +53,14 @@ pub mod host;
 mod tests;
 
 pub use aligned2m::Aligned2m;
-pub use build::{AnyPolicy, BuildError};
+pub use build::AnyPolicy;
 pub use config::{Config, ConfigError, PolicyKind};
 pub use convert::{ConvError, Converter};
 pub use dynamic::Dynamic;
+pub use error::{BuildError, MapError};
 pub use legacy::Legacy;
 pub use platform::{ConvertError, Platform, Range};
-pub use policy::{Direction, MapError, MapOpts, Policy};
+pub use policy::{Direction, MapOpts, Policy};
 pub use refill::Refill;
 pub use stats::{ExtraStats, Stats};
 pub use throttle::Throttle;

@@ -9,16 +9,17 @@
 //! it; a map never enters a retiring pool, and an unmap waits for the retirement to be
 //! settled (it can only concern that pool if it is bogus, since the pool is empty).
 
-use crate::build::BuildError;
-use crate::common::{copy, zero, Common};
+use crate::common::{copy, sync_copy, zero, Common};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::platform::{Platform, PrivatePages, Range, PAGE};
-use crate::policy::{Direction, MapError, MapOpts};
+use crate::policy::{Direction, MapOpts};
 use crate::slots::{Alloc, Request, SlotError, SlotPool, FLAG_COHERENT, SEGMENT_BYTES};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use rtcore::sync::SpinLock;
 
 const EMPTY: u8 = 0;
 const ACTIVE: u8 = 1;
@@ -364,13 +365,8 @@ impl PoolSet {
             .ok_or(MapError::NotMapped)??;
         let dir = Direction::from_bits(al.flags);
         let orig = al.orig + (addr - al.bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live mapping (validated) and its original (the map contract).
-            unsafe { copy(addr, orig, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(orig, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, orig, len, dir, for_device) };
         Ok(())
     }
 

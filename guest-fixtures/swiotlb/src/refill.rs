@@ -11,18 +11,22 @@
 //! min-align mask below its size. Free lists and per-buffer records live in private pages;
 //! a free-list entry names (batch, buffer), so a map needs no search. Batches are never
 //! given back while the policy lives (a class owns at most 4x its watermark).
+//!
+//! Over 600 lines (~640) on purpose: the batch table, the free lists and the map / unmap /
+//! sync paths share one set of unsafe metadata invariants, kept in one file to be read together.
 
-use crate::build::BuildError;
 use crate::coherent::CoherentTable;
-use crate::common::{copy, Common};
+use crate::common::{copy, sync_copy, Common};
 use crate::config::{Config, REFILL_CLASSES};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::platform::{align_up, Platform, PrivatePages, Range, PAGE};
-use crate::policy::{Direction, MapError, MapOpts, Policy};
+use crate::policy::{Direction, MapOpts, Policy};
 use crate::stats::ExtraStats;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::*};
 use memconv::abi::{PoolReport, HUGE_PAGE_SIZE};
+use rtcore::sync::SpinLock;
 
 const NCLASS: usize = REFILL_CLASSES.len();
 /// Largest buffer.
@@ -66,6 +70,22 @@ struct FreeList {
 
 // SAFETY: the stack is private memory owned by the class, reached only under its lock.
 unsafe impl Send for FreeList {}
+
+impl FreeList {
+    /// Push buffer `k` of batch `bi` (dropped if the stack is full: the stack pages are sized
+    /// for the class's most buffers, so it never is).
+    fn push(&mut self, bi: usize, k: usize) {
+        if self.top < self.cap {
+            // SAFETY: `top < cap` entries fit the stack pages.
+            unsafe {
+                self.stack
+                    .add(self.top as usize)
+                    .write((bi as u64) << 32 | k as u64)
+            };
+            self.top += 1;
+        }
+    }
+}
 
 struct Class {
     size: usize,
@@ -318,15 +338,7 @@ impl<'p> Refill<'p> {
         {
             let mut l = cls.list.lock();
             for k in 0..nbuf {
-                if l.top < l.cap {
-                    // SAFETY: `top < cap` entries fit the stack pages.
-                    unsafe {
-                        l.stack
-                            .add(l.top as usize)
-                            .write((bi as u64) << 32 | k as u64)
-                    };
-                    l.top += 1;
-                }
+                l.push(bi, k as usize);
             }
             cls.free.store(l.top, Relaxed);
         }
@@ -523,15 +535,7 @@ impl Policy for Refill<'_> {
             unsafe { self.meta(b, k) }.state = FREE;
             let bi = (b as *const Batch as usize - self.batches as usize)
                 / core::mem::size_of::<Batch>();
-            if l.top < l.cap {
-                // SAFETY: `top < cap` entries fit the stack pages.
-                unsafe {
-                    l.stack
-                        .add(l.top as usize)
-                        .write((bi as u64) << 32 | k as u64)
-                };
-                l.top += 1;
-            }
+            l.push(bi, k);
             cls.free.store(l.top, Relaxed);
         }
         self.c.stats.unmapped(cls.size as u64);
@@ -636,13 +640,8 @@ impl Refill<'_> {
             return Err(MapError::Mismatch);
         }
         let o = orig + (addr - bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live buffer and its original (the map contract).
-            unsafe { copy(addr, o, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(o, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, o, len, dir, for_device) };
         Ok(())
     }
 }

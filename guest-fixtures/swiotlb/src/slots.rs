@@ -12,9 +12,9 @@
 //! All metadata (area locks and slot records) lives in private pages from the platform, never
 //! in the bounce memory itself, which is shared with the host.
 
-use crate::lock::SpinLock;
 use crate::platform::{Platform, PrivatePages, PAGE};
 use core::fmt;
+use rtcore::sync::SpinLock;
 
 /// log2 of the slot size.
 pub const SLOT_SHIFT: u32 = 11;

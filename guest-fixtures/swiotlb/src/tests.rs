@@ -4,10 +4,12 @@
 //! policy behaviour (throttle waits, dynamic transient buffers and growth, refill watermarks,
 //! aligned-2m conversions, failures).
 
-use crate::build::{AnyPolicy, BuildError};
+use crate::build::AnyPolicy;
 use crate::config::{Config, PolicyKind};
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::host::HostPlatform;
-use crate::policy::{Direction, MapError, MapOpts, Policy};
+use crate::policy::{Direction, MapOpts, Policy};
 use crate::slots::SEGMENT_BYTES;
 use crate::{ConvError, Converter, Platform, Range, Stats};
 use memconv::abi::{ERR_NO_MEMORY, ERR_REQUIRES_2M, HUGE_PAGE_SIZE};
@@ -1085,8 +1087,8 @@ fn external_policy_plugs_in() {
     }
     let b = Broken(AtomicU64::new(0));
     let p: &dyn Policy = &b;
-    // SAFETY: the broken policy never dereferences.
     assert_eq!(
+        // SAFETY: the broken policy never dereferences.
         unsafe { p.map(0x5000, 10, Direction::ToDevice, true) },
         Ok(0x5000)
     );

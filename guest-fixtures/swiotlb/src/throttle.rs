@@ -6,12 +6,12 @@
 //! map fails and a timeout is counted. Maps that may not block are served or fail exactly as
 //! in `legacy`. Waits and wait time are counted per map.
 
-use crate::build::BuildError;
 use crate::common::FLAG_THROTTLED;
 use crate::config::Config;
+use crate::error::{BuildError, MapError};
 use crate::legacy::Legacy;
 use crate::platform::Platform;
-use crate::policy::{Direction, MapError, MapOpts, Policy};
+use crate::policy::{Direction, MapOpts, Policy};
 use crate::slots::SLOT_SIZE;
 use crate::stats::ExtraStats;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -65,7 +65,7 @@ impl<'p> Throttle<'p> {
 
     /// Whether a blocking map of `bytes` must go through the semaphore now.
     fn must_throttle(&self, bytes: u64) -> bool {
-        let stats = &self.inner.common().stats;
+        let stats = &self.inner.pooled().c.stats;
         let used = (stats.used() + bytes).saturating_mul(100);
         let cap = stats.capacity();
         used > self.high_pct * cap || (used > self.low_pct * cap && self.sem.held())
@@ -88,7 +88,8 @@ impl Policy for Throttle<'_> {
             // SAFETY: forwarded map contract.
             return unsafe { self.inner.map_with(orig, len, dir, opts) };
         }
-        let c = self.inner.common();
+        let p = self.inner.pooled();
+        let c = &p.c;
         let plat = c.plat;
         let start = plat.now_ns();
         let deadline = start.saturating_add(self.wait_ns);
@@ -109,7 +110,7 @@ impl Policy for Throttle<'_> {
             let flags = if took { FLAG_THROTTLED } else { 0 };
             loop {
                 // SAFETY: forwarded map contract.
-                match unsafe { self.inner.pools().map(c, orig, len, dir, &opts, flags) } {
+                match unsafe { p.pools.map(c, orig, len, dir, &opts, flags) } {
                     Ok(al) => break 'map Ok(al.bounce),
                     Err(MapError::NoSpace) => {
                         if plat.now_ns() >= deadline {
@@ -138,12 +139,7 @@ impl Policy for Throttle<'_> {
     }
 
     fn unmap(&self, bounce: u64, len: usize, dir: Direction) -> Result<(), MapError> {
-        let c = self.inner.common();
-        let al = self
-            .inner
-            .pools()
-            .unmap(c, bounce, len, dir)
-            .map_err(|e| c.bad_call(e))?;
+        let al = self.inner.pooled().unmap(bounce, len, dir)?;
         if al.flags & FLAG_THROTTLED != 0 {
             self.sem.up();
         }

@@ -3,12 +3,13 @@
 //! records the live ones (fixed capacity, in private pages) so unmaps and syncs can be
 //! checked.
 
-use crate::build::BuildError;
-use crate::common::{copy, Common};
+use crate::common::{copy, sync_copy, Common};
 use crate::convert::ConvError;
-use crate::lock::SpinLock;
+use crate::error::BuildError;
+use crate::error::MapError;
 use crate::platform::{align_up, PrivatePages, Range, PAGE};
-use crate::policy::{Direction, MapError, MapOpts};
+use crate::policy::{Direction, MapOpts};
+use rtcore::sync::SpinLock;
 
 const FREE: u8 = 0;
 const RESERVED: u8 = 1;
@@ -188,13 +189,8 @@ impl TransientTable {
         }
         let dir = Direction::from_bits(e.dir);
         let orig = e.orig + (addr - e.bounce);
-        if for_device && dir.to_device() {
-            // SAFETY: inside a live buffer and its original (the map contract).
-            unsafe { copy(addr, orig, len) };
-        } else if !for_device && dir.from_device() {
-            // SAFETY: as above.
-            unsafe { copy(orig, addr, len) };
-        }
+        // SAFETY: inside a live, validated bounce buffer and its original (the map contract).
+        unsafe { sync_copy(addr, orig, len, dir, for_device) };
         Ok(())
     }
 

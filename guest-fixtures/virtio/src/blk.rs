@@ -150,6 +150,44 @@ impl Op {
     }
 }
 
+/// A request's data buffer mapped through the DMA pool by the driver and not yet submitted:
+/// made by [`Mapping::new`] without the queue (so a map that waits for room can let
+/// completions be reaped meanwhile), ended by [`BlkQueue::submit_mapping`] (then unmapped at
+/// completion) or by [`Mapping::release`]. Only the driver maps and unmaps data buffers.
+#[must_use = "a mapping must be submitted or released"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mapping {
+    op: Op,
+    dev_addr: u64,
+    len: u32,
+}
+
+impl Mapping {
+    /// Map the data buffer `[buf, buf + len)` of an `op` request (nothing for a flush).
+    ///
+    /// # Safety
+    /// `[buf, buf + len)` is memory the caller owns and leaves alone until the request's
+    /// completion (or the [`Mapping::release`]).
+    pub unsafe fn new(dma: &dyn Dma, op: Op, buf: u64, len: u32) -> Result<Self, BlkError> {
+        BlkQueue::check_len(op, len)?;
+        let dev_addr = if len > 0 {
+            // SAFETY: forwarded from the caller.
+            unsafe { dma.map(buf, len as usize, op.dir())? }
+        } else {
+            0
+        };
+        Ok(Mapping { op, dev_addr, len })
+    }
+
+    /// End the mapping without submitting it.
+    pub fn release(self, dma: &dyn Dma) -> Result<(), DmaError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        dma.unmap(self.dev_addr, self.len as usize, self.op.dir())
+    }
+}
+
 /// A completed request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Completion {
@@ -266,40 +304,26 @@ impl BlkQueue {
         if self.ring.num_free() < 3 {
             return Err(BlkError::Ring(RingError::Full));
         }
-        let dir = op.dir();
-        let mapped = len > 0;
-        let dev_addr = if mapped {
-            // SAFETY: forwarded from the caller.
-            unsafe { dma.map(buf, len as usize, dir)? }
-        } else {
-            0
-        };
-        let r = self.push(op, sector, dev_addr, len, cookie, mapped);
-        if r.is_err() && mapped {
-            let _ = dma.unmap(dev_addr, len as usize, dir);
-        }
-        r
+        // SAFETY: forwarded from the caller.
+        let m = unsafe { Mapping::new(dma, op, buf, len)? };
+        self.submit_mapping(dma, sector, m, cookie)
     }
 
-    /// Submit a request whose data buffer the caller already mapped through the DMA pool
-    /// (`dev_addr` from [`Dma::map`] in `op`'s direction); [`BlkQueue::poll`] unmaps it at
-    /// completion. For callers that must map without holding the queue (a map that may wait
-    /// for room while completions are reaped elsewhere). The caller unmaps on error.
-    pub fn submit_mapped(
+    /// Submit the request `m` was mapped for (see [`Mapping::new`]); [`BlkQueue::poll`]
+    /// unmaps its buffer at completion. On error nothing is submitted and the buffer is
+    /// unmapped here: either way the mapping ends in the driver.
+    pub fn submit_mapping(
         &mut self,
-        op: Op,
+        dma: &dyn Dma,
         sector: u64,
-        dev_addr: u64,
-        len: u32,
+        m: Mapping,
         cookie: u64,
     ) -> Result<(), BlkError> {
-        Self::check_len(op, len)?;
-        self.push(op, sector, dev_addr, len, cookie, len > 0)
-    }
-
-    /// The DMA direction of `op`'s data buffer.
-    pub fn dir_of(op: Op) -> Dir {
-        op.dir()
+        let r = self.push(m.op, sector, m.dev_addr, m.len, cookie, m.len > 0);
+        if r.is_err() {
+            let _ = m.release(dma);
+        }
+        r
     }
 
     /// Submit a request whose data buffer is handed to the device as is, not bounced: only

@@ -5,7 +5,9 @@
 //!   with VIRTIO_RING_F_EVENT_IDX or the used-ring flags).
 //! - [`mmio`]: the virtio-mmio register layout and the register access trait [`mmio::Regs`].
 //! - [`blk`]: device discovery and initialisation, and per-queue block requests whose data is
-//!   bounced through a DMA pool ([`Dma`]): map before submit, unmap after completion.
+//!   bounced through a DMA pool ([`Dma`]): map before submit, unmap after completion, both
+//!   by the driver (a caller that must map without holding its queue gets a
+//!   [`blk::Mapping`] from the driver and hands it back with the request).
 //!
 //! Addresses are guest physical addresses, which are also pointers (identity map); host tests
 //! use heap memory whose addresses play the part.
@@ -17,6 +19,8 @@
 //! used-ring NO_NOTIFY flag) says so. Completions are found by polling the used ring: there
 //! are no interrupts.
 #![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod blk;
 pub mod mmio;
@@ -38,6 +42,9 @@ pub enum Dir {
 pub enum DmaError {
     /// No room now; completing in-flight requests may make room.
     Full,
+    /// The host refused to convert memory for the pool, with its status code (a
+    /// `memconv::abi` `ERR_*` number; shown by name).
+    Conversion(u32),
     /// Any other failure, with a short reason.
     Failed(&'static str),
 }
@@ -46,6 +53,11 @@ impl fmt::Display for DmaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DmaError::Full => f.write_str("DMA pool full"),
+            DmaError::Conversion(code) => write!(
+                f,
+                "DMA pool: conversion failed: {}",
+                memconv::abi::status_name(*code)
+            ),
             DmaError::Failed(why) => write!(f, "DMA pool: {why}"),
         }
     }

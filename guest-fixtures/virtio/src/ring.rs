@@ -312,10 +312,12 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn r16(a: u64) -> u16 {
+        // SAFETY: (fake device) the address lies in the ring's live test arena, naturally aligned.
         unsafe { read_volatile(a as *const u16) }
     }
 
     pub(crate) fn w16(a: u64, v: u16) {
+        // SAFETY: (fake device) the address lies in the ring's live test arena, naturally aligned.
         unsafe { write_volatile(a as *mut u16, v) }
     }
 
@@ -334,6 +336,8 @@ pub(crate) mod tests {
         let mut i = head;
         loop {
             let p = d + i as u64 * 16;
+            // SAFETY: (fake device) the address lies in the ring's live test arena, naturally
+            // aligned.
             let (addr, len, flags, next) = unsafe {
                 (
                     read_volatile(p as *const u64),
@@ -354,6 +358,7 @@ pub(crate) mod tests {
     pub(crate) fn device_push(q: &SplitQueue, used_idx: &mut u16, id: u16, len: u32) {
         let (_, _, u) = q.addresses();
         let e = u + 4 + (*used_idx % q.size()) as u64 * 8;
+        // SAFETY: (fake device) the address lies in the ring's live test arena, naturally aligned.
         unsafe {
             write_volatile(e as *mut u32, id as u32);
             write_volatile((e + 4) as *mut u32, len);
@@ -370,6 +375,8 @@ pub(crate) mod tests {
     fn chains_round_trip_and_descriptors_are_recycled() {
         let m = Mem::new(layout(8).3);
         let mut q = SplitQueue::empty();
+        // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue only
+        // (init refuses a bad size or alignment before touching it).
         unsafe { q.init(8, m.base(), true) }.unwrap();
         let (mut seen, mut used) = (0u16, 0u16);
         for round in 0..100u64 {
@@ -399,6 +406,8 @@ pub(crate) mod tests {
     fn lying_devices_are_caught() {
         let m = Mem::new(layout(8).3);
         let mut q = SplitQueue::empty();
+        // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue only
+        // (init refuses a bad size or alignment before touching it).
         unsafe { q.init(8, m.base(), true) }.unwrap();
         let mut used = 0u16;
         let h = q.add(&[seg(1, 16, false), seg(2, 1, true)]).unwrap();
@@ -416,6 +425,8 @@ pub(crate) mod tests {
     fn notifications_follow_avail_event() {
         let m = Mem::new(layout(8).3);
         let mut q = SplitQueue::empty();
+        // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue only
+        // (init refuses a bad size or alignment before touching it).
         unsafe { q.init(8, m.base(), true) }.unwrap();
         let (_, _, u) = q.addresses();
         let avail_event = u + 4 + 8 * 8;
@@ -437,6 +448,8 @@ pub(crate) mod tests {
     fn notifications_follow_used_flags_without_event_idx() {
         let m = Mem::new(layout(4).3);
         let mut q = SplitQueue::empty();
+        // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue only
+        // (init refuses a bad size or alignment before touching it).
         unsafe { q.init(4, m.base(), false) }.unwrap();
         let (_, _, u) = q.addresses();
         w16(u, USED_F_NO_NOTIFY);
@@ -452,17 +465,25 @@ pub(crate) mod tests {
         let m = Mem::new(layout(8).3);
         let mut q = SplitQueue::empty();
         assert_eq!(
+            // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue
+            // only (init refuses a bad size or alignment before touching it).
             unsafe { q.init(6, m.base(), true) },
             Err(RingError::BadSetup)
         );
         assert_eq!(
+            // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue
+            // only (init refuses a bad size or alignment before touching it).
             unsafe { q.init(512, m.base(), true) },
             Err(RingError::BadSetup)
         );
         assert_eq!(
+            // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue
+            // only (init refuses a bad size or alignment before touching it).
             unsafe { q.init(8, m.base() + 8, true) },
             Err(RingError::BadSetup)
         );
+        // SAFETY: `m` is a live, zeroed arena of the ring's layout size, used by this queue only
+        // (init refuses a bad size or alignment before touching it).
         unsafe { q.init(8, m.base(), true) }.unwrap();
         assert_eq!(q.add(&[]), Err(RingError::BadChain));
     }

@@ -56,6 +56,8 @@ impl Dma for FakeDma {
         }
         let b = self.take(len)?;
         if dir == Dir::ToDevice {
+            // SAFETY: `buf` holds `len` bytes (the map contract) and `b` is a fresh arena range of
+            // `len` bytes.
             unsafe { std::ptr::copy_nonoverlapping(buf as *const u8, b as *mut u8, len) };
         }
         self.maps.borrow_mut().insert(b, (buf, len));
@@ -70,6 +72,8 @@ impl Dma for FakeDma {
             .ok_or(DmaError::Failed("not mapped"))?;
         assert_eq!(l, len);
         if dir == Dir::FromDevice {
+            // SAFETY: `dma` is the live arena mapping of `len` bytes found above and `buf` its
+            // original (the map contract).
             unsafe { std::ptr::copy_nonoverlapping(dma as *const u8, buf as *mut u8, len) };
         }
         Ok(())
@@ -118,11 +122,17 @@ impl<'a> FakeDev<'a> {
             let (st_addr, _, _) = *segs.last().unwrap();
             if !shared {
                 self.violations.set(self.violations.get() + 1);
+                // SAFETY: (fake device) the addresses come from the queue's descriptors: the
+                // header, data and status slots lie in the fake's arena, which outlives the queue
+                // (and were checked shared).
                 unsafe { write_volatile(st_addr as *mut u8, S_IOERR) };
                 crate::ring::tests::device_push(&q.ring, &mut used, head, 1);
                 continue;
             }
             let hdr = segs[0].0;
+            // SAFETY: (fake device) the addresses come from the queue's descriptors: the header,
+            // data and status slots lie in the fake's arena, which outlives the queue (and were
+            // checked shared).
             let (t, sector) = unsafe {
                 (
                     read_volatile(hdr as *const u32),
@@ -135,6 +145,9 @@ impl<'a> FakeDev<'a> {
             if segs.len() == 3 {
                 let (a, l, _) = segs[1];
                 let l = l as usize;
+                // SAFETY: (fake device) the addresses come from the queue's descriptors: the
+                // header, data and status slots lie in the fake's arena, which outlives the queue
+                // (and were checked shared).
                 unsafe {
                     match t {
                         T_IN => {
@@ -150,6 +163,9 @@ impl<'a> FakeDev<'a> {
                     }
                 }
             }
+            // SAFETY: (fake device) the addresses come from the queue's descriptors: the header,
+            // data and status slots lie in the fake's arena, which outlives the queue (and were
+            // checked shared).
             unsafe { write_volatile(st_addr as *mut u8, S_OK) };
             crate::ring::tests::device_push(&q.ring, &mut used, head, written);
         }
@@ -233,11 +249,15 @@ fn writes_and_reads_are_bounced() {
     let q = &mut q0;
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     let mut back = vec![0u8; 8192];
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
     unsafe { q.submit(&dma, Op::Write, 4, data.as_ptr() as u64, 8192, 7) }.unwrap();
     // The sleeping device (avail_event 0) wants a doorbell for the first request only.
     assert!(q.kick(&dev));
     let c = wait(q, &dev, &dma);
     assert_eq!((c.cookie, c.status, c.ok()), (7, S_OK, true));
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
     unsafe { q.submit(&dma, Op::Read, 4, back.as_mut_ptr() as u64, 8192, 8) }.unwrap();
     assert!(!q.kick(&dev));
     let c = wait(q, &dev, &dma);
@@ -246,6 +266,8 @@ fn writes_and_reads_are_bounced() {
     assert_eq!(dev.violations.get(), 0);
     assert_eq!(dev.disk.borrow()[2048..2048 + 8192], data[..]);
     assert!(dma.maps.borrow().is_empty(), "every mapping was unmapped");
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
     unsafe { q.submit(&dma, Op::Flush, 0, 0, 0, 9) }.unwrap();
     assert!(wait(q, &dev, &dma).ok());
     assert_eq!((q.submitted, q.completed, q.in_flight()), (3, 3, 0));
@@ -276,8 +298,12 @@ fn queue_limits_and_map_failures_leave_nothing_behind() {
     let q = &mut q0;
     let buf = vec![0u8; 512];
     for i in 0..85 {
+        // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or
+        // the mapping is released).
         unsafe { q.submit(&dma, Op::Write, 0, buf.as_ptr() as u64, 512, i) }.unwrap();
     }
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
     let full = unsafe { q.submit(&dma, Op::Write, 0, buf.as_ptr() as u64, 512, 99) };
     assert_eq!(full, Err(BlkError::Ring(RingError::Full)));
     dev.serve(q);
@@ -288,10 +314,14 @@ fn queue_limits_and_map_failures_leave_nothing_behind() {
     }
     assert_eq!(n, 85);
     dma.fail_maps.set(true);
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
     let r = unsafe { q.submit(&dma, Op::Read, 0, buf.as_ptr() as u64, 512, 1) };
     assert_eq!(r, Err(BlkError::Dma(DmaError::Full)));
     assert_eq!(q.in_flight(), 0);
     assert_eq!(
+        // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or
+        // the mapping is released).
         unsafe { q.submit(&dma, Op::Read, 0, buf.as_ptr() as u64, 100, 1) },
         Err(BlkError::BadLength(100))
     );
@@ -312,4 +342,67 @@ fn non_block_devices_are_refused() {
     }
     let dma = FakeDma::new(1 << 16);
     assert_eq!(init(&Net, &dma, &mut []), Err(BlkError::NotBlock(1)));
+}
+
+#[test]
+fn a_mapping_made_apart_from_the_queue_ends_in_the_driver() {
+    let dma = FakeDma::new(1 << 20);
+    let dev = FakeDev::new(&dma);
+    let mut q0 = BlkQueue::empty();
+    init(&dev, &dma, &mut [&mut q0]).unwrap();
+    let q = &mut q0;
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 13) as u8).collect();
+    let mut back = vec![0u8; 4096];
+    // Mapped without the queue, submitted later, unmapped by the completion.
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 4096) }.unwrap();
+    assert_eq!(dma.maps.borrow().len(), 1);
+    q.submit_mapping(&dma, 8, m, 1).unwrap();
+    q.kick(&dev);
+    assert!(wait(q, &dev, &dma).ok());
+    assert!(dma.maps.borrow().is_empty());
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
+    let m = unsafe { Mapping::new(&dma, Op::Read, back.as_mut_ptr() as u64, 4096) }.unwrap();
+    q.submit_mapping(&dma, 8, m, 2).unwrap();
+    q.kick(&dev);
+    assert!(wait(q, &dev, &dma).ok());
+    assert_eq!(back, data);
+    // Released unused: unmapped.
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 512) }.unwrap();
+    m.release(&dma).unwrap();
+    assert!(dma.maps.borrow().is_empty());
+    // Refused by a full ring: unmapped by the driver, nothing submitted.
+    for i in 0..85 {
+        // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or
+        // the mapping is released).
+        unsafe { q.submit(&dma, Op::Write, 0, data.as_ptr() as u64, 512, i) }.unwrap();
+    }
+    // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or the
+    // mapping is released).
+    let m = unsafe { Mapping::new(&dma, Op::Write, data.as_ptr() as u64, 512) }.unwrap();
+    assert_eq!(
+        q.submit_mapping(&dma, 0, m, 99),
+        Err(BlkError::Ring(RingError::Full))
+    );
+    assert_eq!(dma.maps.borrow().len(), 85);
+    assert_eq!(
+        // SAFETY: the buffer is this test's live Vec, left alone until the request completes (or
+        // the mapping is released).
+        unsafe { Mapping::new(&dma, Op::Read, data.as_ptr() as u64, 100) },
+        Err(BlkError::BadLength(100))
+    );
+}
+
+#[test]
+fn a_refused_conversion_keeps_its_code() {
+    let e = BlkError::Dma(DmaError::Conversion(memconv::abi::ERR_NO_MEMORY));
+    let shown = std::format!("{e}");
+    assert!(
+        shown.contains(memconv::abi::status_name(memconv::abi::ERR_NO_MEMORY)),
+        "{shown}"
+    );
 }
