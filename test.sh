@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo fmt --all -- --check
+# No import circle between the modules of any crate, host or guest.
+python3 guest-fixtures/tools/module-cycles.py .
+python3 guest-fixtures/tools/module-cycles.py guest-fixtures
 (cd guest-fixtures && cargo fmt --all -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd guest-fixtures && cargo clippy --release -p rt -p rtcore -p fixtures -p swiotlb -p virtio -p workload -- -D warnings)

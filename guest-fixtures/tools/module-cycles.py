@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Module import circles in the guest crates.
+"""Module import circles in the crates of a directory (the guest crates by default).
 
-For every crate under guest-fixtures/ (a directory with Cargo.toml and src/), builds the graph
-"file module A refers to module B" from every `crate::`, `super::` and child-relative path in
-A's code (nested
-modules count on their own: `a/b.rs` is `a::b`; comments and doc links are not imports; inline
-`mod x { }` blocks count as part of their file; a module's
-own `mod tests` at the end of its file and the crate's test-only modules are left out: test
-code may look at anything), then prints every strongly connected component of more than one
-module (a circle). Exit status 1 if there is one.
+For every crate under the given directory (a directory with Cargo.toml and src/;
+guest-fixtures/ by default, `.` for the host crates), builds the graph "file module A refers to
+module B" from every `crate::`, `super::` and child-relative path in A's code (nested modules
+count on their own: `a/b.rs` is `a::b`; comments and doc links are not imports; inline
+`mod x { }` blocks count as part of their file; a module's own `mod tests` at the end of its
+file and the crate's test-only modules are left out: test code may look at anything), then
+prints every strongly connected component of more than one module (a circle). Exit status 1 if
+there is one.
 
-Usage: tools/module-cycles.py [guest-fixtures dir]
+Usage: tools/module-cycles.py [DIR]   (test.sh runs it on . and on guest-fixtures)
 """
 import os
 import re

@@ -22,27 +22,6 @@ const POLICIES: [(&str, &str); 5] = [
     ("aligned-2m", "pool=4M"),
 ];
 
-/// Raise /proc/sys/vm/nr_hugepages so that at least `free` 2 MiB pages are free (never
-/// lowers it).
-fn ensure_free_hugepages(free: u64) {
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-            .unwrap_or_default()
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    };
-    let (total, avail) = (read("nr_hugepages"), read("free_hugepages"));
-    if avail < free {
-        let want = total + (free - avail);
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
-        assert!(
-            read("free_hugepages") >= free,
-            "need {free} free 2 MiB huge pages (run as root to let the test reserve them)"
-        );
-    }
-}
-
 fn run_io(name: &str, policy: &str, opts: &str, huge: bool, cpus: u32) -> serde_json::Value {
     let dir = scratch(&format!("io-{name}"));
     let disk = dir.join("d.img");

@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use super::{Histogram, PoolReportSnapshot};
+use super::histogram::Histogram;
+use super::pool_report::PoolReportSnapshot;
 use crate::abi::{HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE, STATUS_COUNT};
 use crate::status::ConversionError;
 

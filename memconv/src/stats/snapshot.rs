@@ -6,7 +6,9 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Counters, LatencySnapshot, PoolReportSnapshot};
+use super::counters::Counters;
+use super::histogram::LatencySnapshot;
+use super::pool_report::PoolReportSnapshot;
 use crate::abi::PAGE_SIZE;
 use crate::ram::Granularity;
 use crate::status::ConversionError;

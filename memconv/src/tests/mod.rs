@@ -210,12 +210,18 @@ static HUGE_LOCK: Mutex<()> = Mutex::new(());
 /// it) if needed. Fails the test with a clear message when that is impossible.
 pub fn ensure_hugepages(n: u64) {
     let _g = HUGE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let (free, total) = huge_pages_available();
-    if free >= n {
-        return;
+    // Another process may take pages between the raise and the check: retry by the deficit.
+    let mut want = 0;
+    let mut r = Ok(());
+    for _ in 0..5 {
+        let (free, total) = huge_pages_available();
+        if free >= n {
+            return;
+        }
+        want = total + (n - free);
+        r = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{want}\n"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let want = total + (n - free);
-    let r = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{want}\n"));
     let (free2, total2) = huge_pages_available();
     assert!(
         free2 >= n,
