@@ -14,12 +14,13 @@ use std::sync::Mutex;
 /// hugetlb runs take huge pages: one at a time, with enough reserved.
 static HUGE: Mutex<()> = Mutex::new(());
 
-const POLICIES: [(&str, &str); 5] = [
+const POLICIES: [(&str, &str); 6] = [
     ("legacy", "pool=8M"),
     ("dynamic", "pool=2M"),
     ("refill", "pool=32M"),
     ("throttle", "pool=1M"),
     ("aligned-2m", "pool=4M"),
+    ("adaptive", ""),
 ];
 
 fn run_io(name: &str, policy: &str, opts: &str, huge: bool, cpus: u32) -> serde_json::Value {
@@ -94,7 +95,7 @@ fn policy_on(policy: &str, huge: bool) {
     for cpus in [1, 2] {
         let name = format!("{policy}-{}-{cpus}", if huge { "huge" } else { "memfd" });
         let j = run_io(&name, policy, opts, huge, cpus);
-        if huge && policy == "aligned-2m" {
+        if huge && (policy == "aligned-2m" || policy == "adaptive") {
             let dbl = &j["memconv"]["double_alloc"];
             assert_eq!(
                 dbl["computed_peak_bytes"], 0,
@@ -124,6 +125,14 @@ fn io_throttle_memfd() {
 #[test]
 fn io_aligned_2m_memfd() {
     policy_on("aligned-2m", false);
+}
+#[test]
+fn io_adaptive_memfd() {
+    policy_on("adaptive", false);
+}
+#[test]
+fn io_adaptive_hugetlb() {
+    policy_on("adaptive", true);
 }
 #[test]
 fn io_legacy_hugetlb() {

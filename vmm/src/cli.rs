@@ -195,7 +195,7 @@ pub struct ConformArgs {
         long,
         value_name = "LIST",
         value_delimiter = ',',
-        default_value = "legacy,dynamic,refill,throttle,aligned-2m"
+        default_value = "legacy,dynamic,refill,throttle,aligned-2m,adaptive"
     )]
     policies: Vec<String>,
     /// Guest RAM per cell.

@@ -18,6 +18,7 @@ fn config(kind: PolicyKind, cpus: u32) -> Config {
         PolicyKind::Refill => "pool=64M",
         PolicyKind::Throttle => "pool=16M",
         PolicyKind::Aligned2m => "pool=64M",
+        PolicyKind::Adaptive => "",
     };
     let mut c = Config::new(kind, 4 << 30, cpus);
     c.apply(text, false).expect("config");

@@ -1,6 +1,7 @@
-//! Building a policy by name: [`AnyPolicy`], one of the five built-in policies, chosen at
+//! Building a policy by name: [`AnyPolicy`], one of the six built-in policies, chosen at
 //! run time from a [`Config`] (its error, [`BuildError`], is in [`crate::error`]).
 
+use crate::adaptive::Adaptive;
 use crate::aligned2m::Aligned2m;
 use crate::config::{Config, PolicyKind};
 use crate::dynamic::Dynamic;
@@ -13,7 +14,7 @@ use crate::stats::ExtraStats;
 use crate::throttle::Throttle;
 use memconv::abi::PoolReport;
 
-/// One of the five built-in policies, chosen at run time. (The variants differ by a couple of
+/// One of the six built-in policies, chosen at run time. (The variants differ by a couple of
 /// KiB; without an allocator there is nothing to box them in.)
 #[allow(clippy::large_enum_variant)]
 pub enum AnyPolicy<'p> {
@@ -27,6 +28,8 @@ pub enum AnyPolicy<'p> {
     Throttle(Throttle<'p>),
     /// `aligned-2m`.
     Aligned2m(Aligned2m<'p>),
+    /// `adaptive`.
+    Adaptive(Adaptive<'p>),
 }
 
 impl<'p> AnyPolicy<'p> {
@@ -38,6 +41,7 @@ impl<'p> AnyPolicy<'p> {
             PolicyKind::Refill => AnyPolicy::Refill(Refill::new(cfg, plat)?),
             PolicyKind::Throttle => AnyPolicy::Throttle(Throttle::new(cfg, plat)?),
             PolicyKind::Aligned2m => AnyPolicy::Aligned2m(Aligned2m::new(cfg, plat)?),
+            PolicyKind::Adaptive => AnyPolicy::Adaptive(Adaptive::new(cfg, plat)?),
         })
     }
 
@@ -49,6 +53,7 @@ impl<'p> AnyPolicy<'p> {
             AnyPolicy::Refill(p) => p,
             AnyPolicy::Throttle(p) => p,
             AnyPolicy::Aligned2m(p) => p,
+            AnyPolicy::Adaptive(p) => p,
         }
     }
 }

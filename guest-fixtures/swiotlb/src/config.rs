@@ -6,7 +6,7 @@
 //!
 //! | key | meaning | default |
 //! | --- | --- | --- |
-//! | `policy` | `legacy`, `dynamic`, `refill`, `throttle`, `aligned-2m` | `legacy` |
+//! | `policy` | `legacy`, `dynamic`, `refill`, `throttle`, `aligned-2m`, `adaptive` | `legacy` |
 //! | `ram` | guest RAM size, for the RAM-relative defaults | 0 (use the minimums) |
 //! | `cpus` | vCPU count (areas per pool) | 1 |
 //! | `pool` | boot pool size (refill: the budget the watermarks scale to) | per policy |
@@ -22,6 +22,10 @@
 //! | `high`, `low` | throttle thresholds, percent of the pool | 70, 65 |
 //! | `wait_ms` | throttle wait bound | 1000 |
 //! | `sem` | throttle semaphore count | 1 |
+//! | `lowat` | adaptive: grow when free space falls below this (or capacity/8 if more) | 1M |
+//! | `reserve` | adaptive: room blocking maps leave for maps that cannot block | 512K |
+//! | `soft` | adaptive: blocking maps wait rather than grow past this | 32M |
+//! | `hold_ms` | adaptive: a chunk idle this long goes back to private (0: never) | 500 |
 //!
 //! Sizes take an optional `K`, `M` or `G` suffix (powers of 1024) or a `0x` prefix.
 
@@ -32,7 +36,7 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// The five policies.
+/// The six policies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
     /// One pool fixed at boot (the kernel's swiotlb).
@@ -45,16 +49,20 @@ pub enum PolicyKind {
     Throttle,
     /// 2 MiB aligned and sized pools: every conversion is 2M.
     Aligned2m,
+    /// 2 MiB chunks grown ahead of demand and returned when idle; blocking maps wait at a
+    /// soft cap.
+    Adaptive,
 }
 
 impl PolicyKind {
     /// Every policy, in a fixed order.
-    pub const ALL: [PolicyKind; 5] = [
+    pub const ALL: [PolicyKind; 6] = [
         PolicyKind::Legacy,
         PolicyKind::Dynamic,
         PolicyKind::Refill,
         PolicyKind::Throttle,
         PolicyKind::Aligned2m,
+        PolicyKind::Adaptive,
     ];
 
     /// The name used in `policy=` and in reports.
@@ -65,6 +73,7 @@ impl PolicyKind {
             PolicyKind::Refill => "refill",
             PolicyKind::Throttle => "throttle",
             PolicyKind::Aligned2m => "aligned-2m",
+            PolicyKind::Adaptive => "adaptive",
         }
     }
 
@@ -93,7 +102,7 @@ impl fmt::Display for ConfigError {
             ConfigError::NotKeyValue => f.write_str("expected key=value"),
             ConfigError::UnknownKey => f.write_str("unknown key"),
             ConfigError::UnknownPolicy => {
-                f.write_str("unknown policy (legacy|dynamic|refill|throttle|aligned-2m)")
+                f.write_str("unknown policy (legacy|dynamic|refill|throttle|aligned-2m|adaptive)")
             }
             ConfigError::BadValue(k) => write!(f, "bad value for {k}"),
         }
@@ -146,6 +155,14 @@ pub struct Config {
     pub wait_ms: u64,
     /// Throttle: semaphore count (mappings that may be throttled at once).
     pub sem_count: u32,
+    /// Adaptive: grow when free space falls below this many bytes (or capacity/8 if more).
+    pub adaptive_low_water: u64,
+    /// Adaptive: bytes blocking maps leave free for maps that cannot block.
+    pub adaptive_reserve: u64,
+    /// Adaptive: blocking maps wait rather than grow the pool past this; `None`: 32 MiB.
+    pub adaptive_soft: Option<u64>,
+    /// Adaptive: a grown chunk idle this long returns to private; 0: never.
+    pub adaptive_hold_ms: u64,
 }
 
 impl Default for Config {
@@ -207,6 +224,10 @@ impl Config {
             low_pct: 65,
             wait_ms: 1000,
             sem_count: 1,
+            adaptive_low_water: MIB,
+            adaptive_reserve: 512 * KIB,
+            adaptive_soft: None,
+            adaptive_hold_ms: 500,
         }
     }
 
@@ -300,6 +321,10 @@ impl Config {
             "low" => self.low_pct = num32("low")?,
             "wait_ms" => self.wait_ms = size("wait_ms")?,
             "sem" => self.sem_count = num32("sem")?.max(1),
+            "lowat" => self.adaptive_low_water = size("lowat")?,
+            "reserve" => self.adaptive_reserve = size("reserve")?,
+            "soft" => self.adaptive_soft = Some(round_up(size("soft")?.max(1), 2 * MIB)),
+            "hold_ms" => self.adaptive_hold_ms = size("hold_ms")?,
             _ => return Err(ConfigError::UnknownKey),
         }
         Ok(())
@@ -371,6 +396,19 @@ impl Config {
     /// The aligned-2m growth step: `grow` rounded up to 2 MiB, default 2 MiB.
     pub fn aligned_grow_bytes(&self) -> u64 {
         round_up(self.grow_size.unwrap_or(2 * MIB).max(1), 2 * MIB)
+    }
+
+    /// The adaptive boot chunk: `pool` rounded up to 2 MiB, default 2 MiB.
+    pub fn adaptive_pool_bytes(&self) -> u64 {
+        round_up(self.pool_size.unwrap_or(2 * MIB).max(1), 2 * MIB)
+    }
+
+    /// The adaptive soft cap: `soft` (a multiple of 2 MiB), default 32 MiB, at least the boot
+    /// chunk.
+    pub fn adaptive_soft_bytes(&self) -> u64 {
+        self.adaptive_soft
+            .unwrap_or(32 * MIB)
+            .max(self.adaptive_pool_bytes())
     }
 
     /// The refill watermarks: `wm`, or the RFC's scaled down to the budget (`pool`, or the

@@ -1,6 +1,7 @@
-//! `swiotlb`: the guest's bounce-buffer pool for DMA in a confidential-style VM, with five
+//! `swiotlb`: the guest's bounce-buffer pool for DMA in a confidential-style VM, with six
 //! policies behind one kernel-shaped interface ([`Policy`]): `legacy`, `dynamic`, `refill`,
-//! `throttle` and `aligned-2m` (DESIGN.md, "Guest pool policies").
+//! `throttle`, `aligned-2m` and `adaptive` (DESIGN.md, "Guest pool policies" and "The
+//! adaptive policy").
 //!
 //! `no_std` and allocation-free: the pool gets memory from the guest runtime through
 //! [`Platform`] (pages, private<->shared conversion, time, waiting, vCPU index), keeps all its
@@ -27,6 +28,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod adaptive;
 pub mod aligned2m;
 pub mod build;
 mod coherent;
@@ -52,6 +54,7 @@ pub mod host;
 #[cfg(test)]
 mod tests;
 
+pub use adaptive::Adaptive;
 pub use aligned2m::Aligned2m;
 pub use build::AnyPolicy;
 pub use config::{Config, ConfigError, PolicyKind};

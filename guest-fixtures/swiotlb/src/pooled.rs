@@ -149,7 +149,7 @@ impl Growth {
             let _ = p.pools.add(&p.c, self.bytes, HUGE, true, None);
             did = true;
         }
-        if self.shrink_ns > 0 && p.pools.shrink_idle(&p.c, self.shrink_ns) {
+        if self.shrink_ns > 0 && p.pools.shrink_idle(&p.c, self.shrink_ns, usize::MAX) {
             did = true;
         }
         did

@@ -393,9 +393,10 @@ impl PoolSet {
         Ok(())
     }
 
-    /// Convert back and free the non-permanent pools that have had nothing mapped for
-    /// `idle_ns` (all of them in one conversion call). Returns whether any was freed.
-    pub fn shrink_idle(&self, c: &Common, idle_ns: u64) -> bool {
+    /// Convert back and free up to `max` of the non-permanent pools that have had nothing
+    /// mapped for `idle_ns` (the last ones first, since maps fill the set in order; all of them
+    /// in one conversion call). Returns whether any was freed.
+    pub fn shrink_idle(&self, c: &Common, idle_ns: u64, max: usize) -> bool {
         let Some(_g) = self.grow_lock.try_lock() else {
             return false;
         };
@@ -403,7 +404,10 @@ impl PoolSet {
         let mut picked = [0usize; MAX_POOLS];
         let mut ranges = [Range::default(); MAX_POOLS];
         let mut n = 0;
-        for i in self.permanent..self.count.load(Acquire) {
+        for i in (self.permanent..self.count.load(Acquire)).rev() {
+            if n >= max {
+                break;
+            }
             let e = self.entry(i);
             if e.state.load(Acquire) != ACTIVE
                 || e.live.load(Acquire) != 0

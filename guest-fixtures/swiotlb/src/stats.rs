@@ -240,6 +240,11 @@ impl Stats {
         }
     }
 
+    /// Coherent bytes handed out now.
+    pub fn coherent(&self) -> u64 {
+        self.coherent.load(Relaxed)
+    }
+
     /// Shared memory that could not be converted back and is kept out of circulation.
     pub fn leaked(&self, bytes: u64) {
         self.leaked.fetch_add(bytes, Relaxed);

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod adaptive;
+
 const MIB: u64 = 1 << 20;
 
 fn build<'p>(plat: &'p HostPlatform, text: &str) -> AnyPolicy<'p> {
@@ -235,7 +237,9 @@ impl Worker<'_> {
                         let ok = match e {
                             MapError::TooLarge => offset + len > self.pool.max_mapping_size(),
                             MapError::NoSpace => true,
-                            MapError::TimedOut => self.pool.name() == "throttle" && may_block,
+                            MapError::TimedOut => {
+                                matches!(self.pool.name(), "throttle" | "adaptive") && may_block
+                            }
                             MapError::TableFull | MapError::NoMemory => {
                                 self.pool.name() == "dynamic"
                             }
@@ -492,6 +496,16 @@ proptest! {
     #[test]
     fn model_aligned_2m_pressure(w in pressure()) {
         run_model("policy=aligned-2m pool=2M grow=2M max_pools=3 shrink_ms=1 cpus=4", w, 16, true);
+    }
+
+    #[test]
+    fn model_adaptive(w in workload()) {
+        run_model("policy=adaptive soft=4M lowat=512K reserve=256K hold_ms=1 wait_ms=20 cpus=4", w, 16, true);
+    }
+
+    #[test]
+    fn model_adaptive_pressure(w in pressure()) {
+        run_model("policy=adaptive soft=2M max=6M lowat=512K reserve=256K hold_ms=1 wait_ms=2 cpus=2", w, 16, true);
     }
 
     #[test]

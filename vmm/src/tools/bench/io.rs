@@ -11,12 +11,13 @@ use crate::run::{self, RunError, RunSummary};
 use crate::serial::Console;
 
 /// Pool sizes small enough for a 512 MiB guest, per policy.
-const IO_POLICIES: [(&str, &str); 5] = [
+const IO_POLICIES: [(&str, &str); 6] = [
     ("legacy", "pool=64M"),
     ("dynamic", "pool=4M"),
     ("refill", "pool=32M"),
     ("throttle", "pool=4M"),
     ("aligned-2m", "pool=16M"),
+    ("adaptive", ""),
 ];
 
 fn io_run(

@@ -20,7 +20,14 @@ pub fn pool(ms: u64, size: u64) -> Result<String, BenchError> {
         "  {:<10} {:>14} {:>14} {:>8}",
         "policy", "1 vCPU ops/s", "2 vCPUs ops/s", "scaling"
     );
-    for policy in ["legacy", "dynamic", "refill", "throttle", "aligned-2m"] {
+    for policy in [
+        "legacy",
+        "dynamic",
+        "refill",
+        "throttle",
+        "aligned-2m",
+        "adaptive",
+    ] {
         let mut rates = Vec::new();
         for cpus in [1, 2] {
             let mut cfg = config(

@@ -2,7 +2,7 @@
 //! from what one `vmm run` left behind: its exit status, its `--stats-json` summary and the
 //! guest's serial output.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use memconv::StoreKind;
@@ -28,7 +28,7 @@ pub struct RunData {
 /// One invariant's verdict.
 #[derive(Clone, Debug, Serialize)]
 pub struct Verdict {
-    /// Invariant name.
+    /// Invariant name (one of [`NAMES`]; read back only if it is one).
     pub name: &'static str,
     /// Whether it held.
     pub passed: bool,
@@ -37,7 +37,7 @@ pub struct Verdict {
 }
 
 /// Every invariant's name, in check order.
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 10] = [
     "vmm_never_crashed",
     "data_integrity",
     "no_dma_violations",
@@ -47,7 +47,40 @@ pub const NAMES: [&str; 9] = [
     "zero_double_alloc_when_all_2m",
     "claims_2m_honoured",
     "throttle_blocking_maps_never_fail",
+    "policy_name_matches",
 ];
+
+/// A [`Verdict`] as read back from another run's JSON (for `vmm conform merge`).
+#[derive(Deserialize)]
+struct VerdictText {
+    name: String,
+    passed: bool,
+    detail: String,
+}
+
+impl<'de> Deserialize<'de> for Verdict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Verdict::try_from(VerdictText::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl TryFrom<VerdictText> for Verdict {
+    type Error = String;
+
+    /// The name must be one of [`NAMES`].
+    fn try_from(v: VerdictText) -> Result<Self, String> {
+        let name = NAMES
+            .iter()
+            .copied()
+            .find(|n| *n == v.name)
+            .ok_or_else(|| format!("unknown invariant {:?}", v.name))?;
+        Ok(Verdict {
+            name,
+            passed: v.passed,
+            detail: v.detail,
+        })
+    }
+}
 
 /// Bytes of the mailbox chunk, shared from boot and not part of any guest pool.
 const MAILBOX_CHUNK: u64 = memconv::abi::MAILBOX_AREA_END - memconv::abi::MAILBOX_BASE_GPA;
@@ -260,6 +293,20 @@ pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
             Err(format!("{failures} blocking maps failed under throttle"))
         },
     ));
+
+    // A plug-in guest names its own policy: a row must be the policy its cell says it is.
+    let reported = pool["policy"].as_str().unwrap_or("");
+    out.push(check(
+        "policy_name_matches",
+        if pool.is_null() || reported == cell.policy {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest's pool reports policy {reported:?} but the cell is {:?}: run a plug-in guest with --policies NAME",
+                cell.policy
+            ))
+        },
+    ));
     out
 }
 
@@ -302,7 +349,8 @@ mod tests {
                 "double_alloc": {"agree": true, "computed_bytes": 0, "computed_peak_bytes": 0, "kernel_bytes": 0},
                 "pool_report": {
                     "conversions_4k": 0, "conversions_2m": 4, "conversions_other": 0,
-                    "shared_bytes": 4 << 20, "map_failures": 0, "claims_2m": true
+                    "shared_bytes": 4 << 20, "map_failures": 0, "claims_2m": true,
+                    "policy": "aligned-2m"
                 }
             }
         })
@@ -326,6 +374,18 @@ mod tests {
     }
 
     #[test]
+    fn a_mislabelled_row_is_refused() {
+        let run = exited_0(good_summary());
+        let v = evaluate(&cell("legacy"), &run);
+        assert_eq!(failed(&v), vec!["policy_name_matches"]);
+        let detail = &v.iter().find(|v| !v.passed).unwrap().detail;
+        assert!(
+            detail.contains("\"aligned-2m\"") && detail.contains("--policies"),
+            "{detail}"
+        );
+    }
+
+    #[test]
     fn a_clean_run_passes_everything() {
         let run = exited_0(good_summary());
         let v = evaluate(&cell("aligned-2m"), &run);
@@ -343,7 +403,7 @@ mod tests {
         s["memconv"]["to_shared"]["2m"] = json!(3);
         let run = exited_0(s);
         assert_eq!(
-            failed(&evaluate(&cell("x"), &run)),
+            failed(&evaluate(&cell("aligned-2m"), &run)),
             vec!["claims_2m_honoured"]
         );
     }
@@ -360,10 +420,10 @@ mod tests {
                 .any(|v| v.name == "double_alloc_matches_kernel" && !v.passed)
         };
         assert!(
-            named(&cell("x")),
+            named(&cell("aligned-2m")),
             "hugetlb on both sides must agree exactly"
         );
-        let mut gmem = cell("x");
+        let mut gmem = cell("aligned-2m");
         gmem.private = StoreKind::Gmem;
         assert!(!named(&gmem), "a 4K private store makes the figure a bound");
     }
@@ -373,6 +433,7 @@ mod tests {
         let mut s = good_summary();
         s["disk"]["violations"] = json!(2);
         s["memconv"]["pool_report"]["map_failures"] = json!(1);
+        s["memconv"]["pool_report"]["policy"] = json!("throttle");
         let run = exited_0(s);
         assert_eq!(
             failed(&evaluate(&cell("throttle"), &run)),

@@ -4,10 +4,17 @@
 use std::fmt;
 
 use memconv::{Granularity, StoreKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The built-in pool policies.
-pub const POLICIES: [&str; 5] = ["legacy", "dynamic", "refill", "throttle", "aligned-2m"];
+pub const POLICIES: [&str; 6] = [
+    "legacy",
+    "dynamic",
+    "refill",
+    "throttle",
+    "aligned-2m",
+    "adaptive",
+];
 
 /// The store pairs (private, shared) of the matrix.
 pub const STORE_PAIRS: [(StoreKind, StoreKind); 3] = [
@@ -20,7 +27,7 @@ pub const STORE_PAIRS: [(StoreKind, StoreKind); 3] = [
 pub const GRANULARITIES: [Granularity; 2] = [Granularity::Page4K, Granularity::Huge2M];
 
 /// A guest I/O workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     /// Steady small packets: 512 B - 2 KiB requests at a modest queue depth.
@@ -79,7 +86,7 @@ impl Workload {
 }
 
 /// One cell of the matrix.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
     /// Pool policy name.
     pub policy: String,
@@ -175,7 +182,7 @@ mod tests {
     #[test]
     fn full_matrix_has_every_combination_once() {
         let cells = full(&policies());
-        assert_eq!(cells.len(), 5 * 3 * 2 * 5);
+        assert_eq!(cells.len(), POLICIES.len() * 3 * 2 * 5);
         let mut ids: Vec<String> = cells.iter().map(Cell::id).collect();
         ids.sort();
         ids.dedup();
@@ -186,7 +193,7 @@ mod tests {
     #[test]
     fn quick_is_a_small_subset_and_filters_match_substrings() {
         let q = quick(&policies());
-        assert_eq!(q.len(), 15);
+        assert_eq!(q.len(), POLICIES.len() * 3);
         let f = vec!["throttle".to_string(), "hugetlb-hugetlb".to_string()];
         let picked: Vec<_> = full(&policies())
             .into_iter()

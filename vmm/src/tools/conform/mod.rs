@@ -70,7 +70,7 @@ pub struct ConformOptions {
     pub out_dir: PathBuf,
     /// The guest (an embedded fixture or an ELF path) running the workloads.
     pub guest: String,
-    /// Policies to run (the built-in five by default; a plug-in fixture names its own).
+    /// Policies to run (the built-in six by default; a plug-in fixture names its own).
     pub policies: Vec<String>,
     /// Guest RAM per cell.
     pub mem: u64,
@@ -235,14 +235,14 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
                 let result = match std::fs::create_dir_all(&dir) {
                     Ok(()) => {
                         let (run, seconds) = run_cell(&exe, cell, opts, &dir);
-                        CellResult::new(cell.clone(), &run, seconds)
+                        CellResult::new(i, cell.clone(), &run, seconds)
                     }
                     Err(e) => {
                         let run = RunData {
                             stderr: format!("cannot create {}: {e}", dir.display()),
                             ..Default::default()
                         };
-                        CellResult::new(cell.clone(), &run, 0.0)
+                        CellResult::new(i, cell.clone(), &run, 0.0)
                     }
                 };
                 let line = if result.failed_invariant() {

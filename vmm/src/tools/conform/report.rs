@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::chart::{self, Series};
@@ -28,11 +28,18 @@ pub enum ReportError {
 }
 
 /// Metrics of one cell.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Metrics {
     /// Peak bytes the guest held shared.
     pub peak_shared_bytes: u64,
-    /// Failed maps.
+    /// Peak bytes of live mappings (the pool's high-water mark).
+    pub high_water_bytes: u64,
+    /// Requests whose map failed (each once, however often it was retried).
+    pub failed_requests: u64,
+    /// I/O requests per second in the guest's measured phase.
+    pub iops: u64,
+    /// Failed map attempts (retries of one request each count).
     pub map_failures: u64,
     /// Successful maps.
     pub maps: u64,
@@ -53,8 +60,12 @@ pub struct Metrics {
 }
 
 /// One cell's outcome.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CellResult {
+    /// Position of the cell in the selected matrix (shards keep it, so merging restores the
+    /// order).
+    #[serde(default)]
+    pub index: usize,
     /// The cell.
     pub cell: Cell,
     /// `cell.id()`.
@@ -75,16 +86,17 @@ pub struct CellResult {
 
 impl CellResult {
     /// Builds a cell's result from its run.
-    pub fn new(cell: Cell, run: &RunData, run_seconds: f64) -> Self {
+    pub fn new(index: usize, cell: Cell, run: &RunData, run_seconds: f64) -> Self {
         let invariants = invariants::evaluate(&cell, run);
         let incompatible = invariants::incompatible(run);
         let passed = incompatible.is_none() && invariants.iter().all(|v| v.passed);
         let (metrics, shared_timeline) = run
             .summary
             .as_ref()
-            .map(|s| (metrics(s), timeline(s)))
+            .map(|s| (metrics(s, &run.serial), timeline(s)))
             .unwrap_or_default();
         Self {
+            index,
             id: cell.id(),
             cell,
             passed,
@@ -120,7 +132,15 @@ impl CellResult {
     }
 }
 
-fn metrics(s: &Value) -> Metrics {
+/// `key=N` from the guest's `io: done` line, if there is one.
+fn serial_field(serial: &str, key: &str) -> Option<u64> {
+    let line = serial.lines().rev().find(|l| l.contains("io: done"))?;
+    line.split_ascii_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+fn metrics(s: &Value, serial: &str) -> Metrics {
     let m = &s["memconv"];
     let p = &m["pool_report"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
@@ -130,6 +150,11 @@ fn metrics(s: &Value) -> Metrics {
         .unwrap_or(0);
     Metrics {
         peak_shared_bytes: n(&p["shared_peak_bytes"]).max(timeline_peak),
+        high_water_bytes: n(&p["high_water_bytes"]),
+        // A guest that does not count them: every failed map stands for one request.
+        failed_requests: serial_field(serial, "failed_requests")
+            .unwrap_or_else(|| n(&p["map_failures"])),
+        iops: serial_field(serial, "iops").unwrap_or(0),
         map_failures: n(&p["map_failures"]),
         maps: n(&p["maps"]),
         throttle_waits: n(&p["throttle_waits"]),
@@ -169,12 +194,14 @@ pub fn table(results: &[CellResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:<6} {:>10} {:>8} {:>8} {:>17} {:>10} {:>10} {:>7}",
+        "{:<40} {:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>17} {:>10} {:>10} {:>7}",
         "cell",
         "result",
         "peak MiB",
-        "failures",
+        "hw MiB",
+        "failed",
         "waits",
+        "IOPS",
         "conv 4k/sub/2m",
         "dbl MiB",
         "dbl MiB*s",
@@ -184,12 +211,14 @@ pub fn table(results: &[CellResult]) -> String {
         let m = &r.metrics;
         let _ = writeln!(
             out,
-            "{:<40} {:<6} {:>10.1} {:>8} {:>8} {:>17} {:>10.1} {:>10.2} {:>7.1}",
+            "{:<40} {:<6} {:>10.1} {:>8.1} {:>8} {:>8} {:>8} {:>17} {:>10.1} {:>10.2} {:>7.1}",
             r.id,
             r.verdict(),
             mib(m.peak_shared_bytes),
-            m.map_failures,
+            mib(m.high_water_bytes),
+            m.failed_requests,
             m.throttle_waits,
+            m.iops,
             format!(
                 "{}/{}/{}",
                 m.conversions_4k, m.conversions_sub2m, m.conversions_2m
@@ -238,14 +267,14 @@ fn write(path: &Path, contents: &str) -> Result<(), ReportError> {
 /// The CSV file: one row per cell.
 pub fn csv(results: &[CellResult]) -> String {
     let mut out = String::from(
-        "cell,policy,private,shared,granularity,workload,result,failed_invariants,peak_shared_bytes,maps,map_failures,throttle_waits,conversions_4k,conversions_sub2m,conversions_2m,double_alloc_peak_bytes,double_alloc_byte_seconds,io_requests,run_seconds\n",
+        "cell,policy,private,shared,granularity,workload,result,failed_invariants,peak_shared_bytes,high_water_bytes,failed_requests,iops,maps,map_failures,throttle_waits,conversions_4k,conversions_sub2m,conversions_2m,double_alloc_peak_bytes,double_alloc_byte_seconds,io_requests,run_seconds\n",
     );
     for r in results {
         let m = &r.metrics;
         let c = &r.cell;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{},{:.3}",
             r.id,
             c.policy,
             c.private,
@@ -259,6 +288,9 @@ pub fn csv(results: &[CellResult]) -> String {
                 r.failed().join(";")
             },
             m.peak_shared_bytes,
+            m.high_water_bytes,
+            m.failed_requests,
+            m.iops,
             m.maps,
             m.map_failures,
             m.throttle_waits,
