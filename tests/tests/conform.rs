@@ -79,7 +79,7 @@ fn quick_suite_passes_and_reports_every_cell() {
         assert!(text.len() > 100, "{file} is too short");
     }
     let csv = std::fs::read_to_string(out.join("conform.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 16, "{csv}");
+    assert_eq!(csv.lines().count(), 19, "{csv}");
 }
 
 #[test]

@@ -172,7 +172,15 @@ impl BenchCommand {
 
 /// Flags of `vmm conform`.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ConformArgs {
+    /// `merge` (join shards' results) or `size` (the pool-size sweep); none: run the suite.
+    #[command(subcommand)]
+    action: Option<ConformAction>,
+    /// Run only the K-th of N shares of the selected cells (every N-th cell, from the K-th;
+    /// 1 <= K <= N), for a batch scheduler; join the shares with `vmm conform merge`.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<conform::shard::Shard>,
     /// Run only a small subset (well under a minute).
     #[arg(long)]
     quick: bool,
@@ -207,6 +215,21 @@ pub struct ConformArgs {
     /// Longest a cell may run, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     timeout: u64,
+}
+
+/// `vmm conform merge` / `vmm conform size`.
+#[derive(Subcommand, Debug)]
+enum ConformAction {
+    /// Join the results of `vmm conform --shard K/N` runs (their --out directories or
+    /// conform.json files) into one report; refuses a missing or doubled shard.
+    Merge {
+        /// The shards' output directories (or their conform.json).
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+        /// Directory for the merged conform.json, conform.csv and charts.
+        #[arg(long, value_name = "DIR", default_value = "conform-out")]
+        out: PathBuf,
+    },
 }
 
 /// Flags of `vmm run`.
@@ -352,7 +375,28 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
     ExitCode::from(outcome.exit_status())
 }
 
+fn cmd_conform_merge(dirs: &[PathBuf], out: &std::path::Path) -> ExitCode {
+    match conform::shard::merge(dirs, out) {
+        Ok(merged) => {
+            print!("{}", merged.table);
+            for f in &merged.files {
+                println!("wrote {f}");
+            }
+            if merged.results.iter().any(|r| r.failed_invariant()) {
+                ExitCode::from(EXIT_FAILURE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn cmd_conform(args: &ConformArgs) -> ExitCode {
+    match &args.action {
+        Some(ConformAction::Merge { dirs, out }) => return cmd_conform_merge(dirs, out),
+        None => {}
+    }
     if let Err(e) = fixtures::resolve(&args.guest) {
         return fail(e);
     }
@@ -369,6 +413,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         mem: args.mem,
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
+        shard: args.shard.unwrap_or(conform::shard::Shard::ALL),
     };
     match conform::run(&opts) {
         Ok(outcome) => {

@@ -7,6 +7,7 @@ pub mod chart;
 pub mod invariants;
 pub mod matrix;
 pub mod report;
+pub mod shard;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use invariants::RunData;
 use matrix::Cell;
 use report::{CellResult, ReportError};
+use shard::Shard;
 
 /// Errors that stop the suite from running (a failing invariant is a result, not an error).
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,8 @@ pub struct ConformOptions {
     pub extra_cmdline: String,
     /// Longest a cell may run.
     pub timeout: Duration,
+    /// Which share of the selected cells this machine runs.
+    pub shard: Shard,
 }
 
 /// Everything a finished suite produced.
@@ -191,9 +195,16 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
     } else {
         matrix::full(&opts.policies)
     };
-    let cells: Vec<Cell> = all
+    let selected: Vec<Cell> = all
         .into_iter()
         .filter(|c| c.matches(&opts.filters))
+        .collect();
+    // (position in the selection, cell): a shard keeps the positions for `conform merge`.
+    let cells: Vec<(usize, Cell)> = selected
+        .iter()
+        .cloned()
+        .enumerate()
+        .filter(|(i, _)| opts.shard.has(*i))
         .collect();
     if cells.is_empty() {
         return Err(ConformError::NoCells(opts.filters.clone()));
@@ -201,7 +212,7 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
     let jobs = opts.jobs.clamp(1, cells.len());
     let per_cell = cells
         .iter()
-        .map(|c| c.hugepages(opts.mem))
+        .map(|(_, c)| c.hugepages(opts.mem))
         .max()
         .unwrap_or(0);
     let needed = per_cell * jobs as u64;
@@ -230,19 +241,21 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
         for _ in 0..jobs {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(cell) = cells.get(i) else { break };
+                let Some((index, cell)) = cells.get(i) else {
+                    break;
+                };
                 let dir = opts.out_dir.join("cells").join(cell.id().replace('/', "_"));
                 let result = match std::fs::create_dir_all(&dir) {
                     Ok(()) => {
                         let (run, seconds) = run_cell(&exe, cell, opts, &dir);
-                        CellResult::new(i, cell.clone(), &run, seconds)
+                        CellResult::new(*index, cell.clone(), &run, seconds)
                     }
                     Err(e) => {
                         let run = RunData {
                             stderr: format!("cannot create {}: {e}", dir.display()),
                             ..Default::default()
                         };
-                        CellResult::new(i, cell.clone(), &run, 0.0)
+                        CellResult::new(*index, cell.clone(), &run, 0.0)
                     }
                 };
                 let line = if result.failed_invariant() {
@@ -269,7 +282,7 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
         .flatten()
         .collect();
     let table = report::table(&results);
-    let files = report::write_files(&opts.out_dir, &results)?;
+    let files = report::write_files(&opts.out_dir, &results, selected.len(), opts.shard)?;
     Ok(ConformOutcome {
         results,
         table,

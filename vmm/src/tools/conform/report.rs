@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::chart::{self, Series};
 use super::invariants::{self, RunData, Verdict};
 use super::matrix::{Cell, Workload};
+use super::shard::Shard;
 
 /// Errors writing the report files.
 #[derive(Debug, thiserror::Error)]
@@ -374,9 +375,17 @@ pub fn footprint_chart(results: &[CellResult]) -> String {
 }
 
 /// Writes conform.json, conform.csv and the charts into `dir`; returns the files written.
-pub fn write_files(dir: &Path, results: &[CellResult]) -> Result<Vec<String>, ReportError> {
+/// `selected` is the size of the whole selection `shard` is part of (merge checks it).
+pub fn write_files(
+    dir: &Path,
+    results: &[CellResult],
+    selected: usize,
+    shard: Shard,
+) -> Result<Vec<String>, ReportError> {
     let mut written = Vec::new();
     let json = serde_json::json!({
+        "shard": shard,
+        "selected": selected,
         "invariants": invariants::NAMES,
         "cells": results,
         "passed": results.iter().filter(|r| r.passed).count(),
