@@ -180,7 +180,7 @@ pub struct ConformArgs {
     /// Run only the K-th of N shares of the selected cells (every N-th cell, from the K-th;
     /// 1 <= K <= N), for a batch scheduler; join the shares with `vmm conform merge`.
     #[arg(long, value_name = "K/N")]
-    shard: Option<conform::shard::Shard>,
+    shard: Option<conform::matrix::Shard>,
     /// Run only a small subset (well under a minute).
     #[arg(long)]
     quick: bool,
@@ -376,7 +376,7 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
 }
 
 fn cmd_conform_merge(dirs: &[PathBuf], out: &std::path::Path) -> ExitCode {
-    match conform::shard::merge(dirs, out) {
+    match conform::merge::merge(dirs, out) {
         Ok(merged) => {
             print!("{}", merged.table);
             for f in &merged.files {
@@ -413,7 +413,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         mem: args.mem,
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
-        shard: args.shard.unwrap_or(conform::shard::Shard::ALL),
+        shard: args.shard.unwrap_or(conform::matrix::Shard::ALL),
     };
     match conform::run(&opts) {
         Ok(outcome) => {

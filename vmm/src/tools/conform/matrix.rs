@@ -1,10 +1,20 @@
 //! The conformance matrix: which cells exist (pool policy x store pair x host granularity x
-//! workload), the `--quick` subset, `--filter`, and the guest command line of each workload.
+//! workload), the `--quick` subset, `--filter`, `--shard K/N`, and the guest command line of
+//! each workload.
 
 use std::fmt;
+use std::str::FromStr;
 
 use memconv::{Granularity, StoreKind};
 use serde::{Deserialize, Serialize};
+
+/// Errors of the matrix's settings.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    /// `--shard` is not `K/N` with 1 <= K <= N.
+    #[error("--shard wants K/N with 1 <= K <= N (e.g. 3/8), not {0:?}")]
+    BadShard(String),
+}
 
 /// The built-in pool policies.
 pub const POLICIES: [&str; 6] = [
@@ -171,12 +181,62 @@ pub fn quick(policies: &[String]) -> Vec<Cell> {
         .collect()
 }
 
+/// `--shard K/N`: this machine runs the selected cells whose position `i` has `i % N == K - 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// K, 1-based.
+    pub index: usize,
+    /// N.
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole selection.
+    pub const ALL: Shard = Shard { index: 1, count: 1 };
+
+    /// Whether the cell at position `i` of the selection is this shard's.
+    pub fn has(&self, i: usize) -> bool {
+        i % self.count == self.index - 1
+    }
+}
+
+impl FromStr for Shard {
+    type Err = MatrixError;
+
+    fn from_str(s: &str) -> Result<Self, MatrixError> {
+        let bad = || MatrixError::BadShard(s.to_string());
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = k.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn policies() -> Vec<String> {
         POLICIES.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn shards_partition_the_selection() {
+        assert_eq!(
+            "2/3".parse::<Shard>().unwrap(),
+            Shard { index: 2, count: 3 }
+        );
+        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let shards: Vec<Shard> = (1..=3).map(|k| Shard { index: k, count: 3 }).collect();
+        for i in 0..20 {
+            assert_eq!(shards.iter().filter(|s| s.has(i)).count(), 1);
+        }
+        assert!((0..5).all(|i| Shard::ALL.has(i)));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 pub mod chart;
 pub mod invariants;
 pub mod matrix;
+pub mod merge;
 pub mod report;
-pub mod shard;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,8 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use invariants::RunData;
 use matrix::Cell;
+use matrix::Shard;
 use report::{CellResult, ReportError};
-use shard::Shard;
 
 /// Errors that stop the suite from running (a failing invariant is a result, not an error).
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,7 @@ use serde_json::Value;
 
 use super::chart::{self, Series};
 use super::invariants::{self, RunData, Verdict};
-use super::matrix::{Cell, Workload};
-use super::shard::Shard;
+use super::matrix::{Cell, Shard, Workload};
 
 /// Errors writing the report files.
 #[derive(Debug, thiserror::Error)]

@@ -1,21 +1,17 @@
-//! Running the matrix across machines: [`Shard`] (`--shard K/N`: every N-th selected cell,
-//! starting at the K-th) and [`merge`] (`vmm conform merge DIR...`: the `conform.json` of every
-//! shard joined into one report, checked to cover the selection exactly once).
+//! `vmm conform merge DIR...`: the `conform.json` of every shard of a run
+//! ([`super::matrix::Shard`], `--shard K/N`) joined into one report, checked to cover the
+//! selection exactly once.
 
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
+use super::matrix::Shard;
 use super::report::{self, CellResult, ReportError};
 
-/// Errors of `--shard` and `vmm conform merge`.
+/// Errors of `vmm conform merge`.
 #[derive(Debug, thiserror::Error)]
-pub enum ShardError {
-    /// `--shard` is not `K/N` with 1 <= K <= N.
-    #[error("--shard wants K/N with 1 <= K <= N (e.g. 3/8), not {0:?}")]
-    BadShard(String),
+pub enum MergeError {
     /// A results file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -65,40 +61,6 @@ pub enum ShardError {
     Report(#[from] ReportError),
 }
 
-/// `--shard K/N`: this machine runs the selected cells whose position `i` has `i % N == K - 1`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    /// K, 1-based.
-    pub index: usize,
-    /// N.
-    pub count: usize,
-}
-
-impl Shard {
-    /// The whole selection.
-    pub const ALL: Shard = Shard { index: 1, count: 1 };
-
-    /// Whether the cell at position `i` of the selection is this shard's.
-    pub fn has(&self, i: usize) -> bool {
-        i % self.count == self.index - 1
-    }
-}
-
-impl FromStr for Shard {
-    type Err = ShardError;
-
-    fn from_str(s: &str) -> Result<Self, ShardError> {
-        let bad = || ShardError::BadShard(s.to_string());
-        let (k, n) = s.split_once('/').ok_or_else(bad)?;
-        let index: usize = k.trim().parse().map_err(|_| bad())?;
-        let count: usize = n.trim().parse().map_err(|_| bad())?;
-        if index == 0 || index > count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-}
-
 /// What `conform.json` says besides the cells (the fields merge needs).
 #[derive(Deserialize)]
 struct ShardFile {
@@ -120,7 +82,7 @@ pub struct Merged {
 
 /// Join the `conform.json` in each of `dirs` (or the files themselves) into one report in
 /// `out`: refuses shards of different selections, a cell in two shards and a missing shard.
-pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, ShardError> {
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, MergeError> {
     let mut by_index: BTreeMap<usize, CellResult> = BTreeMap::new();
     let mut total: Option<usize> = None;
     for dir in dirs {
@@ -130,19 +92,19 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, ShardError> {
             dir.clone()
         };
         let name = path.display().to_string();
-        let text = std::fs::read(&path).map_err(|source| ShardError::Read {
+        let text = std::fs::read(&path).map_err(|source| MergeError::Read {
             path: name.clone(),
             source,
         })?;
         let file: ShardFile =
-            serde_json::from_slice(&text).map_err(|source| ShardError::Parse {
+            serde_json::from_slice(&text).map_err(|source| MergeError::Parse {
                 path: name.clone(),
                 source,
             })?;
         let selected = file.selected.unwrap_or(file.cells.len());
         match total {
             Some(t) if t != selected => {
-                return Err(ShardError::Selection {
+                return Err(MergeError::Selection {
                     path: name,
                     found: selected,
                     expected: t,
@@ -152,7 +114,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, ShardError> {
         }
         for cell in file.cells {
             if let Some(old) = by_index.insert(cell.index, cell) {
-                return Err(ShardError::Duplicate {
+                return Err(MergeError::Duplicate {
                     index: old.index,
                     id: old.id,
                 });
@@ -162,13 +124,13 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, ShardError> {
     let total = total.unwrap_or(0);
     let missing: Vec<usize> = (0..total).filter(|i| !by_index.contains_key(i)).collect();
     if let Some(&first) = missing.first() {
-        return Err(ShardError::Missing {
+        return Err(MergeError::Missing {
             missing: missing.len(),
             total,
             first,
         });
     }
-    std::fs::create_dir_all(out).map_err(|source| ShardError::Read {
+    std::fs::create_dir_all(out).map_err(|source| MergeError::Read {
         path: out.display().to_string(),
         source,
     })?;
@@ -180,25 +142,4 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, ShardError> {
         table,
         files,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_partition_the_selection() {
-        assert_eq!(
-            "2/3".parse::<Shard>().unwrap(),
-            Shard { index: 2, count: 3 }
-        );
-        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
-            assert!(bad.parse::<Shard>().is_err(), "{bad}");
-        }
-        let shards: Vec<Shard> = (1..=3).map(|k| Shard { index: k, count: 3 }).collect();
-        for i in 0..20 {
-            assert_eq!(shards.iter().filter(|s| s.has(i)).count(), 1);
-        }
-        assert!((0..5).all(|i| Shard::ALL.has(i)));
-    }
 }
