@@ -181,6 +181,9 @@ pub struct ConformArgs {
     /// 1 <= K <= N), for a batch scheduler; join the shares with `vmm conform merge`.
     #[arg(long, value_name = "K/N")]
     shard: Option<conform::matrix::Shard>,
+    /// The workload the shared-over-time chart shows (default: burst, else steady).
+    #[arg(long, value_name = "WORKLOAD", value_parser = workload)]
+    chart_workload: Option<conform::matrix::Workload>,
     /// Run only a small subset (well under a minute).
     #[arg(long)]
     quick: bool,
@@ -230,6 +233,59 @@ enum ConformAction {
         #[arg(long, value_name = "DIR", default_value = "conform-out")]
         out: PathBuf,
     },
+    /// Per policy and workload, the smallest pool= with zero failed requests (bisection over
+    /// 2 MiB steps, 256 KiB where the policy allows; a self-sizing policy: its peak), with
+    /// failed requests, waits, peak shared bytes and IOPS at every probed size.
+    Size(SizeArgs),
+}
+
+/// Flags of `vmm conform size`.
+#[derive(Args, Debug)]
+struct SizeArgs {
+    /// Comma-separated policies.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "legacy,dynamic,refill,throttle,aligned-2m,adaptive"
+    )]
+    policies: Vec<String>,
+    /// Comma-separated workloads (steady, large, burst, ramp, smp).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "steady,large,burst,ramp,smp", value_parser = workload)]
+    workloads: Vec<conform::matrix::Workload>,
+    /// Largest pool probed.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = size)]
+    max_pool: u64,
+    /// Store pair and granularity of every probe, as in a cell id.
+    #[arg(
+        long,
+        value_name = "PRIVATE-SHARED/GRAN",
+        default_value = "memfd-memfd/4k"
+    )]
+    backing: String,
+    /// Directory for size.json, size.csv, the charts and every probe's cell.
+    #[arg(long, value_name = "DIR", default_value = "size-out")]
+    out: PathBuf,
+    /// The guest running the workloads.
+    #[arg(long, value_name = "NAME|PATH", default_value = "io")]
+    guest: String,
+    /// Guest RAM per probe.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size)]
+    mem: u64,
+    /// Extra guest command line for every probe.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    cmdline: String,
+    /// Longest a probe may run, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    timeout: u64,
+}
+
+/// `--workloads`: a workload by name.
+fn workload(text: &str) -> Result<conform::matrix::Workload, String> {
+    conform::matrix::WORKLOADS
+        .into_iter()
+        .find(|w| w.name() == text)
+        .ok_or_else(|| format!("unknown workload {text:?} (steady, large, burst, ramp, smp)"))
 }
 
 /// Flags of `vmm run`.
@@ -392,9 +448,37 @@ fn cmd_conform_merge(dirs: &[PathBuf], out: &std::path::Path) -> ExitCode {
     }
 }
 
+fn cmd_conform_size(a: &SizeArgs) -> ExitCode {
+    if let Err(e) = fixtures::resolve(&a.guest) {
+        return fail(e);
+    }
+    let opts = crate::tools::size::SizeOptions {
+        policies: a.policies.clone(),
+        workloads: a.workloads.clone(),
+        max_pool: a.max_pool,
+        backing: a.backing.clone(),
+        out_dir: a.out.clone(),
+        guest: a.guest.clone(),
+        mem: a.mem,
+        extra_cmdline: a.cmdline.clone(),
+        timeout: std::time::Duration::from_secs(a.timeout),
+    };
+    match crate::tools::size::run(&opts) {
+        Ok((_, table, files)) => {
+            print!("{table}");
+            for f in &files {
+                println!("wrote {f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn cmd_conform(args: &ConformArgs) -> ExitCode {
     match &args.action {
         Some(ConformAction::Merge { dirs, out }) => return cmd_conform_merge(dirs, out),
+        Some(ConformAction::Size(a)) => return cmd_conform_size(a),
         None => {}
     }
     if let Err(e) = fixtures::resolve(&args.guest) {
@@ -414,6 +498,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
         shard: args.shard.unwrap_or(conform::matrix::Shard::ALL),
+        chart_workload: args.chart_workload,
     };
     match conform::run(&opts) {
         Ok(outcome) => {

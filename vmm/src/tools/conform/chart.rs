@@ -15,11 +15,38 @@ const COLORS: [&str; 8] = [
 ];
 
 /// One named series of (x, y) points.
+#[derive(Default)]
 pub struct Series {
-    /// Legend label.
+    /// Legend label (a policy name: its colour is the same in every chart).
     pub label: String,
     /// Points, in x order for lines.
     pub points: Vec<(f64, f64)>,
+    /// A label per point, written beside it (empty: none).
+    pub point_labels: Vec<String>,
+}
+
+/// The built-in policies, each with its own colour in every chart.
+const POLICY_COLORS: [&str; 6] = [
+    "legacy",
+    "dynamic",
+    "refill",
+    "throttle",
+    "aligned-2m",
+    "adaptive",
+];
+
+/// The colour of a series: fixed per built-in policy, else from the label's bytes (so the
+/// same label has the same colour in every chart).
+fn color(label: &str) -> &'static str {
+    let i = POLICY_COLORS
+        .iter()
+        .position(|p| *p == label)
+        .unwrap_or_else(|| {
+            POLICY_COLORS.len()
+                + label.bytes().map(usize::from).sum::<usize>()
+                    % (COLORS.len() - POLICY_COLORS.len())
+        });
+    COLORS[i % COLORS.len()]
 }
 
 fn escape(text: &str) -> String {
@@ -117,6 +144,19 @@ fn trim(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+fn point_labels(svg: &mut String, f: &Frame, s: &Series) {
+    for ((x, y), label) in s.points.iter().zip(&s.point_labels) {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" fill="{}">{}</text>"#,
+            f.x(*x) + 8.0,
+            f.y(*y) - 6.0,
+            color(&s.label),
+            escape(label)
+        );
+    }
+}
+
 fn legend(svg: &mut String, i: usize, label: &str) {
     let y = TOP + 10.0 + i as f64 * 20.0;
     let x = WIDTH - RIGHT + 15.0;
@@ -124,7 +164,7 @@ fn legend(svg: &mut String, i: usize, label: &str) {
         svg,
         r#"<rect x="{x}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{}">{}</text>"#,
         y - 4.0,
-        COLORS[i % COLORS.len()],
+        color(label),
         x + 20.0,
         y + 1.0,
         escape(label)
@@ -145,9 +185,10 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> St
         let _ = writeln!(
             svg,
             r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
-            COLORS[i % COLORS.len()],
+            color(&s.label),
             pts.join(" ")
         );
+        point_labels(&mut svg, &f, s);
         legend(&mut svg, i, &s.label);
     }
     svg.push_str("</svg>\n");
@@ -166,9 +207,10 @@ pub fn scatter(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> 
                 r#"<circle cx="{:.1}" cy="{:.1}" r="6" fill="{}" fill-opacity="0.8"/>"#,
                 f.x(*x),
                 f.y(*y),
-                COLORS[i % COLORS.len()]
+                color(&s.label)
             );
         }
+        point_labels(&mut svg, &f, s);
         legend(&mut svg, i, &s.label);
     }
     svg.push_str("</svg>\n");
@@ -185,10 +227,12 @@ mod tests {
             Series {
                 label: "legacy".into(),
                 points: vec![(0.0, 64.0), (10.0, 64.0)],
+                point_labels: vec!["steady".into(), "burst".into()],
             },
             Series {
                 label: "a<b".into(),
                 points: vec![(0.0, 2.0), (7.5, 9.0)],
+                ..Series::default()
             },
         ];
         for svg in [
@@ -198,7 +242,12 @@ mod tests {
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
             assert!(svg.contains("legacy") && svg.contains("a&lt;b"));
             assert!(!svg.contains("NaN"));
+            assert!(svg.contains(">burst<"));
         }
+        // One colour per policy, whatever the series order.
+        assert_eq!(color("adaptive"), COLORS[5]);
+        assert_eq!(color("legacy"), COLORS[0]);
+        assert_eq!(color("plug-in"), color("plug-in"));
         assert_eq!(nice(0.3), 1.0);
         assert_eq!(nice(64.0), 100.0);
         assert_eq!(nice(17.0), 20.0);

@@ -136,7 +136,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Merged, MergeError> {
     })?;
     let results: Vec<CellResult> = by_index.into_values().collect();
     let table = report::table(&results);
-    let files = report::write_files(out, &results, results.len(), Shard::ALL)?;
+    let files = report::write_files(out, &results, results.len(), Shard::ALL, None)?;
     Ok(Merged {
         results,
         table,

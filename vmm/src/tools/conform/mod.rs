@@ -82,6 +82,8 @@ pub struct ConformOptions {
     pub timeout: Duration,
     /// Which share of the selected cells this machine runs.
     pub shard: Shard,
+    /// The workload of the shared-over-time chart (default: burst, else steady).
+    pub chart_workload: Option<matrix::Workload>,
 }
 
 /// Everything a finished suite produced.
@@ -282,7 +284,13 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
         .flatten()
         .collect();
     let table = report::table(&results);
-    let files = report::write_files(&opts.out_dir, &results, selected.len(), opts.shard)?;
+    let files = report::write_files(
+        &opts.out_dir,
+        &results,
+        selected.len(),
+        opts.shard,
+        opts.chart_workload,
+    )?;
     Ok(ConformOutcome {
         results,
         table,

@@ -325,6 +325,7 @@ pub fn shared_over_time_chart(results: &[CellResult], workload: Workload) -> Opt
                 .iter()
                 .map(|(t, b)| (*t / 1000.0, mib(*b)))
                 .collect(),
+            point_labels: Vec::new(),
         })
         .collect();
     Some(chart::lines(
@@ -341,7 +342,8 @@ pub fn shared_over_time_chart(results: &[CellResult], workload: Workload) -> Opt
     ))
 }
 
-/// Peak shared MiB vs map-failure percentage, one point per cell that ran (n/a cells left out).
+/// Peak shared MiB vs failed-request percentage, one point per cell that ran (n/a cells left
+/// out), labelled with its workload.
 pub fn footprint_chart(results: &[CellResult]) -> String {
     let mut policies: Vec<&str> = results.iter().map(|r| r.cell.policy.as_str()).collect();
     policies.dedup();
@@ -356,30 +358,36 @@ pub fn footprint_chart(results: &[CellResult]) -> String {
                 .filter(|r| r.cell.policy == *p && r.incompatible.is_none())
                 .map(|r| {
                     let m = &r.metrics;
-                    let attempts = (m.maps + m.map_failures).max(1);
                     (
                         mib(m.peak_shared_bytes),
-                        100.0 * m.map_failures as f64 / attempts as f64,
+                        100.0 * m.failed_requests as f64 / m.io_requests.max(1) as f64,
                     )
                 })
+                .collect(),
+            point_labels: results
+                .iter()
+                .filter(|r| r.cell.policy == *p && r.incompatible.is_none())
+                .map(|r| r.cell.workload.name().to_string())
                 .collect(),
         })
         .collect();
     chart::scatter(
         "Footprint vs failures (one point per cell)",
         "peak shared MiB",
-        "map failures %",
+        "failed requests %",
         &series,
     )
 }
 
 /// Writes conform.json, conform.csv and the charts into `dir`; returns the files written.
-/// `selected` is the size of the whole selection `shard` is part of (merge checks it).
+/// `selected` is the size of the whole selection `shard` is part of (merge checks it); the
+/// shared-over-time chart shows `chart_workload` (default: burst, else steady, else the first).
 pub fn write_files(
     dir: &Path,
     results: &[CellResult],
     selected: usize,
     shard: Shard,
+    chart_workload: Option<Workload>,
 ) -> Result<Vec<String>, ReportError> {
     let mut written = Vec::new();
     let json = serde_json::json!({
@@ -401,8 +409,9 @@ pub fn write_files(
         write(&path, &contents)?;
         written.push(path.display().to_string());
     }
-    let workload = [Workload::Burst, Workload::Steady]
+    let workload = chart_workload
         .into_iter()
+        .chain([Workload::Burst, Workload::Steady])
         .find(|w| results.iter().any(|r| r.cell.workload == *w))
         .or_else(|| results.first().map(|r| r.cell.workload));
     if let Some(svg) = workload.and_then(|w| shared_over_time_chart(results, w)) {
