@@ -362,7 +362,9 @@ impl ConversionService {
     pub fn stats(&self) -> StatsSnapshot {
         let mut e = self.lock();
         let inputs = measure::snapshot_inputs(&e);
-        e.snapshot(inputs)
+        let mut snap = e.snapshot(inputs);
+        snap.fence = self.fence.stats();
+        snap
     }
 }
 
