@@ -4,16 +4,22 @@
 //! # Protocol
 //!
 //! State, all atomics owned by one [`Fence`]:
-//! - per 2 MiB chunk a word: a pin count (bits 0..31) and a CONVERTING bit (bit 31);
+//! - per 2 MiB chunk a word: a pin count (bits 0..30), a CONVERTING bit (bit 31) and an
+//!   UNBACKED bit (bit 30: the shared store is hugetlb and has no 2 MiB page allocated for the
+//!   chunk, so a device access there would fault);
 //! - a "shared" bitmap, one bit per 4 KiB page (1 = shared), a copy of the engine's canonical
-//!   attributes that the engine updates while it holds CONVERTING on the pages' chunks.
+//!   attributes that the engine updates while it holds CONVERTING on the pages' chunks (so
+//!   does it UNBACKED).
 //!
 //! Device side ([`Fence::pin`], reached through `ConversionService::pin_shared`): for every
 //! chunk a request touches (each chunk once), one compare-and-swap raises the pin count if
 //! CONVERTING is clear; a chunk found CONVERTING makes the pin give back what it took and
 //! fail with [`FenceError::Busy`] at once (the device requeues the request and retries: it
 //! never waits for a vCPU while it holds a pin). With every chunk pinned, the shared bits of
-//! every range are checked; any private page fails the pin ([`FenceError::NotShared`]).
+//! every range are checked; any private page fails the pin ([`FenceError::NotShared`]), and
+//! so does an UNBACKED chunk ([`FenceError::NotBacked`]: the device fails that request with an
+//! I/O error instead of faulting; the engine never leaves a chunk with shared pages unbacked,
+//! so this is the last line of defence, counted).
 //! The returned [`DmaPin`] unpins on drop; the device moves the data while it holds it. One
 //! pass, no lock: this is the one check per request on the fast path.
 //!
@@ -41,7 +47,8 @@ use std::time::{Duration, Instant};
 use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
 
 const CONVERTING: u32 = 1 << 31;
-const COUNT_MASK: u32 = CONVERTING - 1;
+const UNBACKED: u32 = 1 << 30;
+const COUNT_MASK: u32 = UNBACKED - 1;
 
 /// Default bound of a conversion's wait for device accesses to drain.
 pub const DEFAULT_WAIT_BOUND: Duration = Duration::from_millis(100);
@@ -63,6 +70,12 @@ pub enum FenceError {
         /// First private byte of the range.
         gpa: u64,
     },
+    /// The shared store has no page allocated under `gpa` (hugetlb): an access would fault.
+    #[error("no shared-store page is allocated at {gpa:#x}")]
+    NotBacked {
+        /// Start of the unbacked chunk (or of the range, if later).
+        gpa: u64,
+    },
     /// A conversion holds a chunk (device side), or device accesses did not drain within the
     /// bound (conversion side): try again.
     #[error("busy: a conversion and a device access overlap; retry")]
@@ -74,6 +87,7 @@ pub enum FenceError {
 struct FenceCounters {
     pins: AtomicU64,
     pins_busy: AtomicU64,
+    pins_unbacked: AtomicU64,
     conversion_waits: AtomicU64,
     conversions_busy: AtomicU64,
     wait_max_ns: AtomicU64,
@@ -87,6 +101,8 @@ pub struct FenceStats {
     pub pins: u64,
     /// Pins refused because a conversion held a chunk (the device retried).
     pub pins_busy: u64,
+    /// Pins refused because a chunk had no shared-store page (never expected; an I/O error).
+    pub pins_unbacked: u64,
     /// Conversions that found pins and waited for them.
     pub conversion_waits: u64,
     /// Conversions refused with `busy` after the bound.
@@ -259,6 +275,15 @@ impl Fence {
                     gpa: (p * PAGE_SIZE).max(gpa),
                 });
             }
+            let (c0, c1) = (gpa / HUGE_PAGE_SIZE, (gpa + len).div_ceil(HUGE_PAGE_SIZE));
+            if let Some(c) =
+                (c0..c1).find(|&c| self.chunks[c as usize].load(Ordering::Acquire) & UNBACKED != 0)
+            {
+                self.counters.pins_unbacked.fetch_add(1, Ordering::Relaxed);
+                return Err(FenceError::NotBacked {
+                    gpa: (c * HUGE_PAGE_SIZE).max(gpa),
+                });
+            }
         }
         self.counters.pins.fetch_add(1, Ordering::Relaxed);
         Ok(pin)
@@ -332,6 +357,18 @@ impl Fence {
         }
     }
 
+    /// Mark chunk `c` backed in the shared store or not. Callers: the engine, holding the chunk
+    /// with [`Fence::begin_conversion`] or before any device runs.
+    pub fn set_backed(&self, c: u64, backed: bool) {
+        if let Some(w) = self.chunks.get(c as usize) {
+            if backed {
+                w.fetch_and(!UNBACKED, Ordering::Release);
+            } else {
+                w.fetch_or(UNBACKED, Ordering::Release);
+            }
+        }
+    }
+
     fn clear_converting(&self, c0: u64, c1: u64) {
         for c in c0..c1 {
             self.chunks[c as usize].fetch_and(!CONVERTING, Ordering::Release);
@@ -344,6 +381,7 @@ impl Fence {
         FenceStats {
             pins: c.pins.load(Ordering::Relaxed),
             pins_busy: c.pins_busy.load(Ordering::Relaxed),
+            pins_unbacked: c.pins_unbacked.load(Ordering::Relaxed),
             conversion_waits: c.conversion_waits.load(Ordering::Relaxed),
             conversions_busy: c.conversions_busy.load(Ordering::Relaxed),
             wait_max_ns: c.wait_max_ns.load(Ordering::Relaxed),
@@ -359,7 +397,7 @@ mod tests {
     const MB2: u64 = HUGE_PAGE_SIZE;
 
     fn fence() -> Fence {
-        let f = Fence::new(8 * MB2, Duration::from_millis(50));
+        let f = Fence::new(8 * MB2, Duration::from_millis(200));
         f.set_shared(0, 8 * MB2 / PAGE_SIZE, true);
         f
     }
@@ -411,6 +449,23 @@ mod tests {
     }
 
     #[test]
+    fn unbacked_chunks_refuse_pins() {
+        let f = fence();
+        f.set_backed(2, false);
+        assert_eq!(
+            f.pin(&[(0, 1), (2 * MB2 + 100, 8)]).err(),
+            Some(FenceError::NotBacked { gpa: 2 * MB2 + 100 })
+        );
+        assert!(f
+            .chunks
+            .iter()
+            .all(|c| c.load(Ordering::SeqCst) & COUNT_MASK == 0));
+        f.set_backed(2, true);
+        assert!(f.pin(&[(2 * MB2, 8)]).is_ok());
+        assert_eq!(f.stats().pins_unbacked, 1);
+    }
+
+    #[test]
     fn pins_merge_chunks_and_unpin_on_drop() {
         let f = fence();
         {
@@ -432,7 +487,11 @@ mod tests {
             // A pin held across the conversion start: the conversion waits for its drop.
             let pin = f.pin(&[(MB2, 4096)]).expect("pin");
             s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(5));
+                // Drop the pin only once the conversion has begun (new pins there are busy).
+                while f.pin(&[(MB2, 1)]).err() != Some(FenceError::Busy) {
+                    std::thread::yield_now();
+                }
+                std::thread::sleep(Duration::from_millis(2));
                 released.store(true, Ordering::SeqCst);
                 drop(pin);
             });
@@ -454,7 +513,8 @@ mod tests {
         );
         assert!(f.pin(&[(MB2 + 4096, 1)]).is_ok());
         let s = f.stats();
-        assert_eq!((s.conversion_waits, s.pins_busy), (1, 1));
+        assert_eq!(s.conversion_waits, 1);
+        assert!(s.pins_busy >= 2, "{s:?}");
     }
 
     #[test]
@@ -466,7 +526,7 @@ mod tests {
             f.begin_conversion(0, 3 * MB2 / PAGE_SIZE).err(),
             Some(FenceError::Busy)
         );
-        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert!(t0.elapsed() >= Duration::from_millis(200));
         // Nothing left held: pins succeed again, and the next conversion after the drop does.
         assert!(f.pin(&[(0, 1)]).is_ok());
         drop(pin);

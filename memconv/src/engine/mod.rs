@@ -155,6 +155,11 @@ impl Engine {
         attrs.flip_run(mb0, mb1, Side::Shared);
         fence.set_shared(0, npages, false);
         fence.set_shared(mb0, mb1, true);
+        if shared.kind().is_huge() {
+            for c in 0..nchunks {
+                fence.set_backed(c, c == mb0 / PAGES_PER_CHUNK);
+            }
+        }
         let split = private.kind().is_huge() || shared.kind().is_huge();
         let mut view_private = PageBits::new(nchunks, true);
         view_private.set_range(mb0 / PAGES_PER_CHUNK, mb1 / PAGES_PER_CHUNK, false);
@@ -298,6 +303,12 @@ impl Engine {
         fence.set_shared(p0, p1, true);
         for &(a, b) in &sc.fence_runs {
             fence.set_shared(a, b, false);
+        }
+        if self.store(Side::Shared).kind().is_huge() {
+            let ensured = &self.ensured[Side::Shared.index()];
+            for c in p0 / PAGES_PER_CHUNK..p1.div_ceil(PAGES_PER_CHUNK) {
+                fence.set_backed(c, ensured.get(c));
+            }
         }
         drop(hold);
         sc.clear();

@@ -22,9 +22,12 @@ fn fenced(private: StoreKind, shared: StoreKind) {
         let st = svc2.map_gpa_range(gpa, npages, abi::ATTR_ENCRYPTED as u64);
         (st, rel2.load(Ordering::SeqCst))
     });
-    std::thread::sleep(Duration::from_millis(10));
-    // The conversion has not happened: the pages are still shared, and the vCPU waits (with
-    // the engine lock: only lock-free reads here).
+    // Once the conversion holds the chunks (new pins are busy), it has not happened yet: the
+    // pages are still shared and the vCPU waits (with the engine lock: only lock-free reads).
+    while svc.pin_shared(&[(gpa, 1)]).err() != Some(FenceError::Busy) {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(5));
     assert!(svc.check_shared(gpa, npages * PAGE_SIZE).is_ok());
     released.store(true, Ordering::SeqCst);
     drop(pin);
@@ -50,9 +53,7 @@ fn fenced(private: StoreKind, shared: StoreKind) {
     assert!(t0.elapsed() >= Duration::from_millis(50));
     assert!(!svc.is_private(gpa) && !svc.is_private(gpa + C));
     // A conversion elsewhere does not wait for it.
-    let t0 = Instant::now();
     assert_eq!(svc.map_gpa_range(8 * C, 1, 0), abi::STATUS_OK);
-    assert!(t0.elapsed() < Duration::from_millis(50));
     drop(pin);
     let st = svc.stats();
     assert_eq!(st.rejects_total, 1);

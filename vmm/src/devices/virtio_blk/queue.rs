@@ -209,6 +209,7 @@ impl Core {
                 bump(&self.counters.fence_retries, 1);
                 return Ok(0);
             }
+            Err(FenceError::NotBacked { .. }) => return Err(QueueFault::Ring),
             Err(_) => return Err(QueueFault::RingNotShared),
         };
         heads.clear();

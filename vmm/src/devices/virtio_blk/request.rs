@@ -7,7 +7,8 @@
 //! page that is not shared (or not RAM) is completed with VIRTIO_BLK_S_IOERR and counted as
 //! a *violation* (no byte of it is transferred; if the status byte itself is not shared,
 //! nothing is written and the used length is 0). A request whose pages a conversion holds
-//! right now is not executed: [`Processed::Retry`] puts it back for a later round. Other bad requests (malformed chains,
+//! right now is not executed: [`Processed::Retry`] puts it back for a later round. One whose
+//! shared-store pages are not allocated (an access would fault) fails with IOERR as an error. Other bad requests (malformed chains,
 //! indirect descriptors, which are not offered, out-of-range sectors, huge lengths, I/O
 //! errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*.
 
@@ -115,6 +116,11 @@ impl Requests<'_> {
             (Ok(()), Some(_)) => match self.pin_request(segs) {
                 Ok(pin) => (self.execute(segs), Some(pin)),
                 Err(FenceError::Busy) => return Processed::Retry,
+                Err(e @ FenceError::NotBacked { .. }) => {
+                    // An access would fault: fail the request instead (never expected).
+                    tracing::warn!("virtio-blk: request refused: {e}");
+                    (Err(ReqFail::Error), None)
+                }
                 Err(e) => {
                     tracing::debug!("virtio-blk: refused request: {e}");
                     (Err(ReqFail::Violation), None)
