@@ -286,6 +286,7 @@ impl RunArgs {
             path: path.clone(),
             create_size: self.disk_size,
             idle_us: self.disk_idle_us,
+            io: crate::devices::DiskIo::Vectored,
         })
     }
 

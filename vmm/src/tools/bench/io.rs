@@ -33,6 +33,7 @@ fn io_run(
             path: disk.to_path_buf(),
             create_size: Some(256 << 20),
             idle_us: crate::devices::virtio_blk::DEFAULT_IDLE_US,
+            io: crate::devices::DiskIo::Vectored,
         }),
         ..VmConfig::fixture("io", 512 << 20)
     };
