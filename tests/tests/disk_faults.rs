@@ -1,0 +1,183 @@
+//! A disk that cannot SIGBUS the VMM: whatever the filesystem under the image does (full,
+//! image truncated while the VM runs), the guest's requests fail with VIRTIO_BLK_S_IOERR, the
+//! device counts them as `disk.io_errors`, and the VMM ends normally with its summary and
+//! `--stats-json`. (With the old memory-mapped data path both cases killed the VMM with
+//! SIGBUS, exit 135 and no summary.)
+//!
+//! The full-filesystem case mounts its own small tmpfs (root needed) and unmounts it.
+
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod common;
+use common::*;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(name: &str, size: &str) -> Tmpfs {
+        let dir = scratch(name);
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "this test mounts a {size} tmpfs at {} and could not ({st}): run it as root",
+            dir.display()
+        );
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Fills the filesystem holding `dir` until it has no free block left.
+fn fill_up(dir: &Path) {
+    let mut f = std::fs::File::create(dir.join("filler")).expect("create filler");
+    let chunk = vec![0xa5u8; 64 << 10];
+    let mut small = false;
+    loop {
+        let piece = if small { &chunk[..4096] } else { &chunk[..] };
+        match f.write(piece) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                if small {
+                    break;
+                }
+                small = true;
+            }
+            Err(e) => panic!("filling the tmpfs: {e}"),
+        }
+    }
+    let _ = f.sync_all();
+}
+
+/// The checks both cases share: ended by the guest (not a signal), summary printed, the guest
+/// saw errors, the device counted io_errors.
+fn assert_survived(o: &std::process::Output, json: &Path) -> serde_json::Value {
+    let out = stdout(o);
+    let status = code(o);
+    assert!(
+        out.contains("== vmm summary =="),
+        "no summary (status {status})\nstdout:\n{out}\nstderr:\n{}",
+        stderr(o)
+    );
+    // The io guest exits 4 when requests failed with an I/O error.
+    assert_eq!(status, 4, "stdout:\n{out}\nstderr:\n{}", stderr(o));
+    let guest = guest_fields(&out, "io: done");
+    assert!(guest["errors"] > 0, "{out}");
+    let j = read_json(json);
+    let d = &j["disk"];
+    let io_errors = d["io_errors"].as_u64().expect("disk.io_errors");
+    assert!(io_errors > 0, "{d}");
+    assert!(d["errors"].as_u64().unwrap() >= io_errors, "{d}");
+    assert_eq!(d["violations"], 0, "{d}");
+    assert_eq!(d["device_faults"], 0, "{d}");
+    assert!(out.contains(&format!("io errors {io_errors}")), "{out}");
+    j
+}
+
+#[test]
+fn full_filesystem_fails_writes_with_ioerr() {
+    require_kvm();
+    let fs = Tmpfs::mount("disk-full", "8m");
+    let img = fs.dir.join("d.img");
+    // A sparse image larger than the filesystem, then the filesystem filled up.
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("create the sparse image");
+    fill_up(&fs.dir);
+    let json = scratch("disk-full-json").join("stats.json");
+    let o = vmm_run(&[
+        "--guest",
+        "io",
+        "--mem",
+        "128M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--cmdline",
+        "policy=legacy pool=8M rw=write fill=0 requests=200 qd=8 sizes=4k-64k",
+        "--stats-json",
+        json.to_str().unwrap(),
+    ]);
+    let j = assert_survived(&o, &json);
+    assert_eq!(
+        j["disk"]["io_errors"], j["memconv"]["pool_report"]["io_errors"],
+        "every write failed in the image, and the guest saw each"
+    );
+    // The image was never extended.
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 << 20);
+}
+
+#[test]
+fn image_truncated_while_running_fails_requests_with_ioerr() {
+    require_kvm();
+    let dir = scratch("disk-trunc");
+    let img = dir.join("d.img");
+    let json = dir.join("stats.json");
+    let mut child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--guest",
+            "io",
+            "--mem",
+            "128M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--disk-size",
+            "32M",
+            "--cmdline",
+            "policy=legacy pool=8M rw=50 verify=0 seconds=4 qd=8 sizes=4k-64k",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the vmm binary");
+    // Wait until the guest has written into the image (its fill phase), then cut the image
+    // down to one page under the running VM.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let data = std::fs::metadata(&img).map(|m| std::os::unix::fs::MetadataExt::blocks(&m));
+        if data.is_ok_and(|b| b > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never wrote to the image"
+        );
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the VMM ended before the image was truncated: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .and_then(|f| f.set_len(4096))
+        .expect("truncate the image");
+    let o = child.wait_with_output().expect("wait for the vmm");
+    assert_survived(&o, &json);
+    // Writes past the new end were refused (one racing with the truncation may land: the
+    // file never grows past the device's capacity).
+    assert!(std::fs::metadata(&img).unwrap().len() <= 32 << 20);
+    let _ = std::fs::remove_dir_all(&dir);
+}
