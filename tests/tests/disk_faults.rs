@@ -131,6 +131,7 @@ fn image_truncated_while_running_fails_requests_with_ioerr() {
     let dir = scratch("disk-trunc");
     let img = dir.join("d.img");
     let json = dir.join("stats.json");
+    let sock = dir.join("vm.sock");
     let mut child = Command::new(vmm_bin())
         .args([
             "run",
@@ -143,9 +144,11 @@ fn image_truncated_while_running_fails_requests_with_ioerr() {
             "--disk-size",
             "32M",
             "--cmdline",
-            "policy=legacy pool=8M rw=50 verify=0 seconds=4 qd=8 sizes=4k-64k",
+            "policy=legacy pool=8M rw=50 verify=0 seconds=6 qd=8 sizes=4k-64k",
             "--stats-json",
             json.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -174,6 +177,38 @@ fn image_truncated_while_running_fails_requests_with_ioerr() {
         .open(&img)
         .and_then(|f| f.set_len(4096))
         .expect("truncate the image");
+    // While the VM runs, the control socket's stats and metrics count the failures.
+    let ctl = |args: &[&str]| {
+        Command::new(vmm_bin())
+            .arg("ctl")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("spawn vmm ctl")
+    };
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let live = loop {
+        let o = ctl(&["stats", "--json"]);
+        let n = serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .ok()
+            .and_then(|r| r["return"]["disk"]["io_errors"].as_u64())
+            .unwrap_or(0);
+        if n > 0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        live > 0,
+        "control-socket stats never showed disk.io_errors > 0"
+    );
+    let metrics = stdout(&ctl(&["metrics"]));
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("vmm_disk_io_errors_total{"))
+        .unwrap_or_else(|| panic!("no vmm_disk_io_errors_total in:\n{metrics}"));
+    let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value >= live, "{line}");
     let o = child.wait_with_output().expect("wait for the vmm");
     assert_survived(&o, &json);
     // Writes past the new end were refused (one racing with the truncation may land: the
