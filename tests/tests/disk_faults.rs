@@ -4,7 +4,8 @@
 //! `--stats-json`. (With the old memory-mapped data path both cases killed the VMM with
 //! SIGBUS, exit 135 and no summary.)
 //!
-//! The full-filesystem case mounts its own small tmpfs (root needed) and unmounts it.
+//! The full-filesystem case mounts its own small tmpfs, the failing-filesystem case its own
+//! loop-mounted ext4 (root needed); both unmount them.
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -44,6 +45,123 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(&self.dir).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh ext4 on a loop device over a file, mounted at a fresh directory; unmounted (and
+/// the file removed) on drop.
+struct LoopExt4 {
+    dir: PathBuf,
+    backing: PathBuf,
+}
+
+impl LoopExt4 {
+    fn mount(name: &str, size: u64) -> LoopExt4 {
+        let dir = scratch(name);
+        let backing =
+            std::env::temp_dir().join(format!("vmm-it-{}-{name}.ext4", std::process::id()));
+        std::fs::File::create(&backing)
+            .and_then(|f| f.set_len(size))
+            .expect("create the filesystem's backing file");
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&backing)
+            .status()
+            .expect("run mkfs.ext4 (e2fsprogs)");
+        assert!(mkfs.success(), "mkfs.ext4 failed: {mkfs}");
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&backing)
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "this test loop-mounts an ext4 at {} and could not ({st}): run it as root",
+            dir.display()
+        );
+        LoopExt4 { dir, backing }
+    }
+
+    /// Shuts the filesystem down (EXT4_IOC_SHUTDOWN, no log flush): from now on every read,
+    /// write and fsync on it fails with EIO, as on a disk that went away.
+    fn shut_down(&self) {
+        const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d; // _IOR('X', 125, __u32)
+        const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+        let d = std::fs::File::open(&self.dir).expect("open the mount point");
+        let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: EXT4_IOC_SHUTDOWN reads one u32 from the pointer, which points at `flags`.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&d),
+                EXT4_IOC_SHUTDOWN,
+                &flags as *const u32,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "EXT4_IOC_SHUTDOWN: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// Spawns `vmm run` of the io guest on `img` (created with 32 MiB), waits until the guest has
+/// written into it, then runs `fault` under the running VM.
+fn run_and_fault(
+    img: &Path,
+    json: &Path,
+    extra: &[&str],
+    fault: impl FnOnce(),
+) -> std::process::Child {
+    let mut child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--guest",
+            "io",
+            "--mem",
+            "128M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--disk-size",
+            "32M",
+            "--cmdline",
+            "policy=legacy pool=8M rw=50 verify=0 seconds=6 qd=8 sizes=4k-64k",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the vmm binary");
+    // Wait until the guest has written into the image (its fill phase).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let data = std::fs::metadata(img).map(|m| std::os::unix::fs::MetadataExt::blocks(&m));
+        if data.is_ok_and(|b| b > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never wrote to the image"
+        );
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the VMM ended before the fault: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    fault();
+    child
 }
 
 /// Fills the filesystem holding `dir` until it has no free block left.
@@ -132,51 +250,19 @@ fn image_truncated_while_running_fails_requests_with_ioerr() {
     let img = dir.join("d.img");
     let json = dir.join("stats.json");
     let sock = dir.join("vm.sock");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--guest",
-            "io",
-            "--mem",
-            "128M",
-            "--disk",
-            img.to_str().unwrap(),
-            "--disk-size",
-            "32M",
-            "--cmdline",
-            "policy=legacy pool=8M rw=50 verify=0 seconds=6 qd=8 sizes=4k-64k",
-            "--stats-json",
-            json.to_str().unwrap(),
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the vmm binary");
-    // Wait until the guest has written into the image (its fill phase), then cut the image
-    // down to one page under the running VM.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let data = std::fs::metadata(&img).map(|m| std::os::unix::fs::MetadataExt::blocks(&m));
-        if data.is_ok_and(|b| b > 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never wrote to the image"
-        );
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("the VMM ended before the image was truncated: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .and_then(|f| f.set_len(4096))
-        .expect("truncate the image");
+    let child = run_and_fault(
+        &img,
+        &json,
+        &["--api-socket", sock.to_str().unwrap()],
+        || {
+            // Cut the image down to one page under the running VM.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&img)
+                .and_then(|f| f.set_len(4096))
+                .expect("truncate the image");
+        },
+    );
     // While the VM runs, the control socket's stats and metrics count the failures.
     let ctl = |args: &[&str]| {
         Command::new(vmm_bin())
@@ -215,4 +301,15 @@ fn image_truncated_while_running_fails_requests_with_ioerr() {
     // file never grows past the device's capacity).
     assert!(std::fs::metadata(&img).unwrap().len() <= 32 << 20);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn failing_filesystem_fails_requests_with_ioerr() {
+    require_kvm();
+    let fs = LoopExt4::mount("disk-shutdown", 64 << 20);
+    let img = fs.dir.join("d.img");
+    let json = scratch("disk-shutdown-json").join("stats.json");
+    let child = run_and_fault(&img, &json, &[], || fs.shut_down());
+    let o = child.wait_with_output().expect("wait for the vmm");
+    assert_survived(&o, &json);
 }
