@@ -94,6 +94,13 @@ enum BenchCommand {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         secs: u64,
+        /// Runs of each disk data path (preadv/pwritev vs the old mmap path) in the
+        /// side-by-side comparison, interleaved A/B.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Only the data-path comparison (skip the per-policy table).
+        #[arg(long)]
+        data_path_only: bool,
     },
     /// Pool map+unmap operations per second inside the VM, per policy and vCPU count (the
     /// host-side twin: `cargo run --release -p swiotlb --features host --example bench_host`
@@ -143,7 +150,15 @@ impl BenchCommand {
     /// The benchmark these flags ask for.
     fn to_bench(&self) -> bench::Bench {
         match self {
-            BenchCommand::Io { secs } => bench::Bench::Io { secs: *secs },
+            BenchCommand::Io {
+                secs,
+                repeats,
+                data_path_only,
+            } => bench::Bench::Io(bench::IoBenchOptions {
+                secs: *secs,
+                repeats: *repeats,
+                data_path_only: *data_path_only,
+            }),
             BenchCommand::Pool { ms, size } => bench::Bench::Pool {
                 ms: *ms,
                 size: *size,
@@ -286,6 +301,7 @@ impl RunArgs {
             path: path.clone(),
             create_size: self.disk_size,
             idle_us: self.disk_idle_us,
+            io: crate::devices::DiskIo::Vectored,
         })
     }
 

@@ -279,7 +279,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
 
     let devices = match &cfg.disk {
         Some(d) => {
-            let disk = crate::devices::Disk::open(&d.path, d.create_size)?;
+            let disk = crate::devices::Disk::open_with(&d.path, d.create_size, d.io)?;
             let blk = BlockDevice::new(
                 disk,
                 memconv.clone(),

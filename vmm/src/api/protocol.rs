@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::VmConfig;
+use crate::devices::BlkStats;
 use crate::vcpu::{ExitCounts, VmEnd};
 
 /// The protocol version this VMM speaks.
@@ -375,6 +376,8 @@ pub struct StatsReply {
     pub snapshot_us: u64,
     /// The conversion service's snapshot, with the guest's latest pool report.
     pub memconv: memconv::StatsSnapshot,
+    /// The virtio block device's counters (`io_errors` among them), when the VM has one.
+    pub disk: Option<BlkStats>,
 }
 
 /// The `config` reply.
@@ -443,6 +446,8 @@ pub struct StatsView {
     pub snapshot_us: u64,
     /// memconv's snapshot, with the guest's latest pool report.
     pub memconv: memconv::StatsSnapshot,
+    /// The block device's counters, when the VM has one.
+    pub disk: Option<BlkStats>,
 }
 
 /// Serializes one message as a line (with its newline).

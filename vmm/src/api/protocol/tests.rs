@@ -130,6 +130,10 @@ fn stats_view_reads_what_the_server_sends() {
         vcpu_pauses: 0,
         snapshot_us: 0,
         memconv: snapshot.clone(),
+        disk: Some(crate::devices::BlkStats {
+            io_errors: 3,
+            ..Default::default()
+        }),
     };
     let sent = serde_json::to_value(&reply).unwrap();
     let view: StatsView = serde_json::from_value(sent.clone()).unwrap();

@@ -117,6 +117,7 @@ impl Handler {
             exits: snapshot.exits.clone(),
             vcpu_pauses: snapshot.vcpu_pauses,
             memconv: snapshot.memconv.clone(),
+            disk: snapshot.disk.clone(),
         };
         reply.state = self.state();
         reply
