@@ -244,3 +244,31 @@ fn probe_reads_reach_the_guest() {
     assert_eq!(run.port_probe, vec![(Space::Pio, 0, 1, vec![0x5a])]);
     assert_eq!((run.counts.io_in, run.counts.unknown_port), (1, 0));
 }
+
+#[test]
+fn doorbells_with_another_value_than_the_vcpus_index_are_refused_and_counted() {
+    let doorbell = memconv::abi::DOORBELL_PORT;
+    let mut code = mov_dx(doorbell);
+    // mov eax, 1 (another vCPU's index); out dx, eax.
+    code.extend([0x66, 0xb8, 1, 0, 0, 0, 0x66, 0xef]);
+    // mov eax, 0xffffffff (out of range); out dx, eax.
+    code.extend([0x66, 0xb8, 0xff, 0xff, 0xff, 0xff, 0x66, 0xef]);
+    // 200 more refused doorbells: mov cx, 200; l: out dx, eax; loop l.
+    code.extend([0xb9, 200, 0, 0x66, 0xef, 0xe2, 0xfc]);
+    // mov eax, 0 (its own index); out dx, eax: serviced; hlt.
+    code.extend([0x66, 0xb8, 0, 0, 0, 0, 0x66, 0xef, 0xf4]);
+    let before = memconv::log_limit::GUEST_LOG.suppressed();
+    let t0 = std::time::Instant::now();
+    let run = run_snippet(&code);
+    let secs = t0.elapsed().as_secs();
+    assert!(matches!(run.end, Some(VmEnd::AllHalted)), "{:?}", run.end);
+    let c = &run.counts;
+    assert_eq!((c.doorbell, c.doorbell_mismatch), (203, 202), "{c:?}");
+    // 202 warnings asked for; at most GUEST_LOG_PER_SECOND per second were written.
+    let suppressed = memconv::log_limit::GUEST_LOG.suppressed() - before;
+    let allowed = u64::from(memconv::log_limit::GUEST_LOG_PER_SECOND) * (secs + 1);
+    assert!(
+        suppressed + allowed >= 202,
+        "{suppressed} suppressed in {secs} s"
+    );
+}
