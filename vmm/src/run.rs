@@ -269,6 +269,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         Some(path) => Some(crate::api::ApiSocket::bind(path)?),
         None => None,
     };
+    if let (Some(stop), Some(socket)) = (&signals, &api_socket) {
+        stop.set_socket(socket.path());
+    }
     let console = match console {
         Some(c) => c,
         None => Console::new(cfg.serial.as_deref())?,
@@ -367,7 +370,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         .with_devices(Arc::clone(&devices)),
     );
     if let Some(stop) = &signals {
-        stop.attach(&shared, api_socket.as_ref().map(|s| s.path()));
+        stop.attach(&shared);
     }
     let poller = match devices.block() {
         Some(blk) => {

@@ -150,15 +150,17 @@ impl SignalStop {
         }
     }
 
-    /// Makes signals stop this VM; a signal received before ends it now. `socket` is the
-    /// control socket file, removed on a second signal.
-    pub fn attach(&self, shared: &Arc<VmShared>, socket: Option<&Path>) {
+    /// Names the control socket file, removed on a second signal (call it right after binding).
+    pub fn set_socket(&self, socket: &Path) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.socket = socket.and_then(|p| {
-            std::fs::symlink_metadata(p)
-                .ok()
-                .map(|m| (p.to_path_buf(), (m.dev(), m.ino())))
-        });
+        st.socket = std::fs::symlink_metadata(socket)
+            .ok()
+            .map(|m| (socket.to_path_buf(), (m.dev(), m.ino())));
+    }
+
+    /// Makes signals stop this VM; a signal received before ends it now.
+    pub fn attach(&self, shared: &Arc<VmShared>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.shared = Some(Arc::clone(shared));
         if let Some(signo) = st.pending.take() {
             shared.end(signal_end(signo));
