@@ -91,6 +91,11 @@ struct Run {
 /// Runs `code` on one real-mode vCPU (DS based at `PROBE_MMIO`, ES at `UNMAPPED_MMIO`) until
 /// the VM ends or 20 s pass.
 fn run_snippet(code: &[u8]) -> Run {
+    run_snippet_with(code, None)
+}
+
+/// [`run_snippet`] with one more device on a port window of two.
+fn run_snippet_with(code: &[u8], extra: Option<(u16, Arc<dyn BusDevice>)>) -> Run {
     vcpu::install_kick_handler().unwrap();
     let vm = KvmVm::new(open_kvm().expect("/dev/kvm is needed for this test")).unwrap();
     let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
@@ -153,6 +158,15 @@ fn run_snippet(code: &[u8]) -> Run {
         )
         .unwrap(),
     );
+    let shared = match extra {
+        Some((port, dev)) => Arc::new(
+            Arc::into_inner(shared)
+                .unwrap()
+                .with_device(Space::Pio, port.into(), 2, DeviceKind::Other, dev)
+                .unwrap(),
+        ),
+        None => shared,
+    };
     let thread = {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || vcpu::run_vcpu(fd, 0, shared))
@@ -271,4 +285,33 @@ fn doorbells_with_another_value_than_the_vcpus_index_are_refused_and_counted() {
         suppressed + allowed >= 202,
         "{suppressed} suppressed in {secs} s"
     );
+}
+
+/// A device whose every write panics (a VMM bug, as far as the guest can tell).
+struct Panicker;
+
+impl BusDevice for Panicker {
+    fn read(&self, _cpu: u32, _offset: u64, _data: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write(&self, _cpu: u32, _offset: u64, _data: &[u8]) -> BusEffect {
+        panic!("the panicking probe was written");
+    }
+}
+
+#[test]
+fn a_panic_on_a_vcpu_thread_ends_the_vm_as_a_host_error() {
+    const PANIC_PORT: u16 = 0x720;
+    // mov dx, 0x720; out dx, al; hlt.
+    let mut code = mov_dx(PANIC_PORT);
+    code.extend([0xee, 0xf4]);
+    let run = run_snippet_with(&code, Some((PANIC_PORT, Arc::new(Panicker))));
+    match &run.end {
+        Some(VmEnd::HostError { cpu: 0, error }) => {
+            assert!(error.contains("vCPU thread panicked"), "{error}");
+            assert!(error.contains("the panicking probe was written"), "{error}");
+        }
+        other => panic!("end {other:?}"),
+    }
 }
