@@ -1,7 +1,7 @@
 //! A careless operator and a hostile environment against `vmm run`: SIGINT, SIGTERM and SIGHUP
 //! to a converting VM with a control socket and `--stats-json` (summary printed, stats written,
 //! socket gone, exit 128 + signal), a second signal during the stop (exit at once, socket
-//! gone), a closed stdout (the VM runs to its end), serial output to `/dev/full` (rate-limited
+//! gone), a closed stdout (the VM runs to its end; also with fds 1 and 2 closed), serial output to `/dev/full` (rate-limited
 //! warnings, counted), and an unwritable `--stats-json` refused before boot.
 
 #![warn(missing_docs)]
@@ -248,6 +248,26 @@ fn a_closed_stdout_does_not_kill_the_vmm() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status}\n{err}");
     assert!(!err.contains("panicked"), "{err}");
+    let j = read_json(&json);
+    assert_eq!(j["end"]["kind"], "guest_exit", "{}", j["end"]);
+    assert!(j["serial_bytes"].as_u64().unwrap_or(0) > 0, "{j}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn closed_stdout_and_stderr_descriptors_do_not_stop_the_vmm() {
+    require_kvm();
+    let dir = scratch("closed-fds");
+    let json = dir.join("stats.json");
+    // fds 1 and 2 closed, not just broken: the VMM must not hand those numbers to guest RAM.
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" run --guest hello --mem 64M --stats-json \"$1\" >&- 2>&-")
+        .arg(vmm_bin())
+        .arg(&json)
+        .status()
+        .expect("run sh");
+    assert_eq!(status.code(), Some(0), "{status}");
     let j = read_json(&json);
     assert_eq!(j["end"]["kind"], "guest_exit", "{}", j["end"]);
     assert!(j["serial_bytes"].as_u64().unwrap_or(0) > 0, "{j}");

@@ -423,8 +423,24 @@ fn cmd_fixtures() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Opens /dev/null on any of fds 0, 1, 2 that is closed (`vmm run >&-`): otherwise the next
+/// file the VMM opens (a memfd of guest RAM, the disk image) would get that number and receive
+/// whatever is written to stdout or stderr.
+fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        // SAFETY: a NUL-terminated path; open(2) returns the lowest free descriptor, which is
+        // `fd` (all lower ones are open), and it stays open for the process's lifetime.
+        unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+    }
+}
+
 /// The `vmm` entry point.
 pub fn main() -> ExitCode {
+    ensure_std_fds();
     init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
