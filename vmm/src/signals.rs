@@ -64,6 +64,7 @@ struct State {
 }
 
 /// The stop requested by signals, shared by the signal thread and the run.
+#[derive(Default)]
 pub struct SignalStop {
     state: Mutex<State>,
 }
@@ -81,6 +82,12 @@ fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
 }
 
 impl SignalStop {
+    /// A stop nobody delivers signals to yet: [`SignalStop::install`] makes one that the signal
+    /// thread drives; this one only acts on [`SignalStop::on_signal`] calls.
+    pub fn new() -> SignalStop {
+        SignalStop::default()
+    }
+
     /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and starts the thread that
     /// takes them. Call it before spawning any other thread (only threads spawned afterwards
     /// inherit the mask).
@@ -93,9 +100,7 @@ impl SignalStop {
         }
         // SAFETY: setting SIGPIPE's disposition to ignore has no memory-safety effect.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-        let stop = Arc::new(SignalStop {
-            state: Mutex::new(State::default()),
-        });
+        let stop = Arc::new(SignalStop::new());
         let thread_stop = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("signals".into())
