@@ -123,7 +123,7 @@ impl Requests<'_> {
                 Err(FenceError::Busy) => return Processed::Retry,
                 Err(e @ FenceError::NotBacked { .. }) => {
                     // An access would fault: fail the request instead (never expected).
-                    tracing::warn!("virtio-blk: request refused: {e}");
+                    memconv::guest_warn!("virtio-blk: request refused: {e}");
                     (Err(ReqFail::Error), None)
                 }
                 Err(e) => {
