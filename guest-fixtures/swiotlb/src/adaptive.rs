@@ -239,6 +239,9 @@ impl Policy for Adaptive<'_> {
     }
 
     fn background_work(&self) -> bool {
+        // Read before looking at the free space: a blocking map growing inline meanwhile makes
+        // this growth a no-op instead of a second chunk.
+        let seen = self.p.pools.generation();
         let low = self.low_water_now();
         let failed = self.pending.swap(false, Ordering::AcqRel);
         let cap = if failed {
@@ -248,7 +251,7 @@ impl Policy for Adaptive<'_> {
         };
         if (failed || self.free() < low) && self.may_grow_to(cap) {
             // A failure is counted (grow_failures); the next map below the mark asks again.
-            let _ = self.grow(None);
+            let _ = self.grow(Some(seen));
             return true;
         }
         let now = self.p.c.plat.now_ns();
