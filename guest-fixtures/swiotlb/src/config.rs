@@ -22,7 +22,7 @@
 //! | `high`, `low` | throttle thresholds, percent of the pool | 70, 65 |
 //! | `wait_ms` | throttle wait bound | 1000 |
 //! | `sem` | throttle semaphore count | 1 |
-//! | `lowat` | adaptive: grow when free space falls below this (or capacity/8 if more) | 1M |
+//! | `lowat` | adaptive: grow when free space falls below this (or capacity/8 if more) | 512K |
 //! | `reserve` | adaptive: room blocking maps leave for maps that cannot block | 512K |
 //! | `soft` | adaptive: blocking maps wait rather than grow past this | 32M |
 //! | `hold_ms` | adaptive: a chunk idle this long goes back to private (0: never) | 500 |
@@ -224,7 +224,7 @@ impl Config {
             low_pct: 65,
             wait_ms: 1000,
             sem_count: 1,
-            adaptive_low_water: MIB,
+            adaptive_low_water: 512 * KIB,
             adaptive_reserve: 512 * KIB,
             adaptive_soft: None,
             adaptive_hold_ms: 500,
