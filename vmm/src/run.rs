@@ -220,7 +220,7 @@ pub fn run_vm_with_console(
         cfg,
         RunOptions {
             console,
-            api_socket: None,
+            ..Default::default()
         },
     )
 }
@@ -232,6 +232,28 @@ pub struct RunOptions {
     pub console: Option<Console>,
     /// Serve the control socket at this path while the VM runs (`--api-socket`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// Told when the vCPUs start and when the VM has ended (e.g. the `--metrics-addr` HTTP
+    /// server, which lives in the tools and reads the running VM's statistics).
+    pub observer: Option<Box<dyn LiveObserver>>,
+}
+
+/// A running VM, as an observer sees it: what the control socket's `stats` reads.
+#[derive(Clone)]
+pub struct LiveVm {
+    /// What the vCPU threads share (memconv, exit counts, vCPU control).
+    pub shared: Arc<VmShared>,
+    /// When the VM was created.
+    pub created: Instant,
+    /// vCPUs.
+    pub cpus: u32,
+}
+
+/// Something that runs beside a VM from its start to its end.
+pub trait LiveObserver: Send {
+    /// The vCPUs have started.
+    fn started(&mut self, vm: LiveVm);
+    /// The VM has ended (every vCPU thread has returned); stop using it.
+    fn ended(&mut self);
 }
 
 /// Like `run_vm`, with [`RunOptions`].
@@ -239,6 +261,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let RunOptions {
         console,
         api_socket,
+        mut observer,
     } = opts;
     cfg.validate()?;
     let image = fixtures::load(&cfg.guest)?;
@@ -365,6 +388,13 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             })?;
         threads.push(handle);
     }
+    if let Some(o) = observer.as_mut() {
+        o.started(LiveVm {
+            shared: Arc::clone(&shared),
+            created,
+            cpus: cfg.cpus,
+        });
+    }
 
     let end = match api_socket {
         // The control socket's event loop runs on this thread until the VM ends.
@@ -389,6 +419,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         }
     }
     let total_ms = ms(created.elapsed());
+    if let Some(o) = observer.as_mut() {
+        o.ended();
+    }
     shared.console.flush();
     if let Some(blk) = devices.block() {
         blk.stop();
@@ -420,7 +453,13 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         unknown_ports: shared.unknown_ports(),
         vcpu_pauses: control.pause_count(),
         serial_bytes: shared.console.bytes_written(),
-        memconv: memconv.stats(),
+        memconv: {
+            // One pause counter everywhere: the vCPU control's, which counts memconv's
+            // memslot-edit pauses and control-socket pauses alike.
+            let mut stats = memconv.stats();
+            stats.vcpu_pauses = control.pause_count();
+            stats
+        },
         pool_timeline: shared.pool_timeline(),
         disk: devices.block().map(|b| b.stats()),
     };
