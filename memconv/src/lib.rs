@@ -25,6 +25,8 @@ pub mod host_vm;
 #[cfg(feature = "host")]
 pub mod layout;
 #[cfg(feature = "host")]
+pub mod log_sample;
+#[cfg(feature = "host")]
 pub mod mailbox;
 #[cfg(feature = "host")]
 pub mod measure;

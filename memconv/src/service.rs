@@ -13,6 +13,7 @@ use crate::bitmap::Side;
 use crate::engine::{Engine, EngineError};
 use crate::host_vm::HostVm;
 use crate::layout::{LayoutError, View};
+use crate::log_sample::{self, Sampler};
 use crate::mailbox::{self, Request, Snapshot};
 use crate::measure;
 use crate::ram::RamConfig;
@@ -299,12 +300,28 @@ impl ConversionService {
             Request::Convert { cur, end } | Request::Accept { cur, end } => {
                 let convert = matches!(req, Request::Convert { .. });
                 let mut first = Ok(());
+                let mut refused = 0u32;
                 for i in cur..end {
                     let en = snap.entry(i);
                     let st = e.mailbox_entry(convert, en.gpa, en.npages, en.attrs as u64);
+                    refused += u32::from(st.is_err());
                     first = first.and(st);
                     // SAFETY: as above.
                     unsafe { mailbox::write_entry_status(ptr, i, status::to_abi(st)) };
+                }
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    static BATCHES: Sampler = Sampler::new(log_sample::DEFAULT_PERIOD);
+                    if let (Some(held), true) = (BATCHES.ready(), cur < end) {
+                        let en = snap.entry(cur);
+                        tracing::debug!(
+                            "{} batch: vCPU {cpu} {} entries ({refused} refused), first {:#x} +{} pages attrs {:#x} ({held} batches not shown)",
+                            if convert { "conversion" } else { "accept" },
+                            end - cur,
+                            en.gpa,
+                            en.npages,
+                            en.attrs
+                        );
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { mailbox::write_header(ptr, Some(end), status::to_abi(first)) };

@@ -137,13 +137,13 @@ impl RunSummary {
             if self.native { "native" } else { "emulated" },
         ));
         out.push_str(&format!(
-            "end: {end}  status: {}\ntime: setup {:.2} ms, first serial byte {}, total {:.2} ms\n",
+            "end: {end}  status: {}\ntime: setup {}, first serial byte {}, total {}\n",
             self.exit_status,
-            self.timings.setup_ms,
+            ms_text(self.timings.setup_ms),
             self.timings
                 .first_serial_byte_ms
-                .map_or("-".to_string(), |t| format!("{t:.2} ms")),
-            self.timings.total_ms,
+                .map_or("-".to_string(), ms_text),
+            ms_text(self.timings.total_ms),
         ));
         out.push_str("exits: cpu total io_out io_in serial doorbell unknown_port mmio hlt hypercall interrupted\n");
         for (cpu, e) in self.exits.iter().enumerate() {
@@ -172,13 +172,13 @@ impl RunSummary {
         out.push_str(&self.memconv.summary());
         if let Some(p) = &self.memconv.pool_report {
             out.push_str(&format!(
-                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {:.3} ms, \
+                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {}, \
                  transient maps {}, grow {} shrink {}, io requests {} errors {}\n",
                 p.policy,
                 p.conversions_4k,
                 p.conversions_2m,
                 p.conversions_other,
-                p.throttle_wait_ns as f64 / 1e6,
+                memconv::stats::units::duration(p.throttle_wait_ns),
                 p.transient_maps,
                 p.grow_events,
                 p.shrink_events,
@@ -464,6 +464,11 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         disk: devices.block().map(|b| b.stats()),
     };
     Ok(RunOutcome { summary })
+}
+
+/// Milliseconds in the one unit convention of the readable views (`39.1 ms`, `5.2 s`).
+fn ms_text(ms: f64) -> String {
+    memconv::stats::units::duration((ms * 1e6) as u64)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -145,6 +145,24 @@ impl Telemetry {
 
     /// Records a guest pool report in the timeline.
     pub fn note_pool_report(&self, r: &memconv::stats::PoolReportSnapshot) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            static REPORTS: memconv::log_sample::Sampler =
+                memconv::log_sample::Sampler::new(memconv::log_sample::DEFAULT_PERIOD);
+            if let Some(held) = REPORTS.ready() {
+                let mib = memconv::stats::units::mib;
+                tracing::debug!(
+                    "pool report '{}': used {:.1} / {:.1} MiB, shared {:.1} MiB, maps {} failures {}, throttle waits {}, io requests {} ({held} reports not shown)",
+                    r.policy,
+                    mib(r.used_bytes),
+                    mib(r.capacity_bytes),
+                    mib(r.shared_bytes),
+                    r.maps,
+                    r.map_failures,
+                    r.throttle_waits,
+                    r.io_requests
+                );
+            }
+        }
         let sample = PoolSample {
             t_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             shared_bytes: r.shared_bytes,

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use memconv::log_sample::{self, Sampler};
+
 use super::queue::Core;
 use super::stats::bump;
 
@@ -61,6 +63,15 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
     while !wakeup.stop.load(Ordering::Relaxed) {
         let (done, active) = core.service_round();
         if done > 0 {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                static ROUNDS: Sampler = Sampler::new(log_sample::DEFAULT_PERIOD);
+                if let Some(held) = ROUNDS.ready() {
+                    tracing::debug!(
+                        "virtio-blk: {done} requests completed this round, {} so far ({held} rounds not shown)",
+                        core.counters.requests.load(Ordering::Relaxed)
+                    );
+                }
+            }
             last_work = Instant::now();
             continue;
         }
@@ -74,8 +85,19 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
             continue;
         }
         bump(&core.counters.sleeps, 1);
+        let slept = Instant::now();
         wakeup.sleep();
         core.after_wake();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            static SLEEPS: Sampler = Sampler::new(log_sample::DEFAULT_PERIOD);
+            if let Some(held) = SLEEPS.ready() {
+                tracing::debug!(
+                    "virtio-blk: poller slept {} after {} idle, woken by a doorbell or the end ({held} sleeps not shown)",
+                    memconv::stats::units::duration(slept.elapsed().as_nanos() as u64),
+                    memconv::stats::units::duration(idle.as_nanos() as u64)
+                );
+            }
+        }
         last_work = Instant::now();
     }
 }
