@@ -354,6 +354,10 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => return fail(e),
     };
+    // The limits first (a bad --cpus is reported as such), then the guest's keys.
+    if let Err(e) = cfg.validate() {
+        return fail(e);
+    }
     if let Err(e) = guest_cmdline::check(&cfg.guest, &cfg.cmdline, cfg.cpus) {
         return fail(e);
     }

@@ -259,7 +259,8 @@ fn value_ok(k: &Key, value: &str, token: &str, cpus: u32) -> bool {
             !value.is_empty() && cmdline::list(value).all(|w| words.contains(&w))
         }
         Accepts::Pool => Config::default().set(k.name, value).is_ok(),
-        Accepts::Io => io_options::parse(&Cmdline::new(token.as_bytes()), cpus).is_ok(),
+        // The vCPU count is checked elsewhere; a value is judged as if there were one.
+        Accepts::Io => io_options::parse(&Cmdline::new(token.as_bytes()), cpus.max(1)).is_ok(),
     }
 }
 
@@ -282,7 +283,7 @@ pub fn check<'a>(groups: KeyGroups, line: &'a str, cpus: u32) -> Result<(), KeyE
         pool |= k.accepts == Accepts::Pool;
     }
     if io {
-        io_options::parse(&Cmdline::new(line.as_bytes()), cpus)
+        io_options::parse(&Cmdline::new(line.as_bytes()), cpus.max(1))
             .map_err(|reason| KeyError::Combination { reason })?;
     }
     if pool {
