@@ -312,7 +312,12 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
                         result.run_seconds
                     )
                 };
-                bar.println(line);
+                // A hidden bar (stderr not a terminal) prints nothing: say it plainly.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 bar.inc(1);
                 results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
             });

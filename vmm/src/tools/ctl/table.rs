@@ -111,13 +111,14 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     let d = &m.double_alloc;
     let _ = writeln!(
         o,
-        "double allocation: computed {:.1} MiB (peak {:.1}), kernel {:.1} MiB; mixed chunks {} (peak {}), memslots {}",
+        "double allocation: computed {:.1} MiB (peak {:.1}), kernel {:.1} MiB; mixed chunks {} (peak {}), memslots {}, vcpu pauses {}",
         mib(d.computed_bytes),
         mib(d.computed_peak_bytes),
         mib(d.kernel_bytes),
         m.mixed_chunks,
         m.mixed_chunks_peak,
-        m.memslots
+        m.memslots,
+        s.vcpu_pauses
     );
     const REASONS: [&str; 9] = [
         "total",
