@@ -146,16 +146,20 @@ struct MetricsVm {
     child: Child,
     addr: SocketAddr,
     sock: std::path::PathBuf,
+    json: std::path::PathBuf,
 }
 
 impl MetricsVm {
     fn start(dir: &Path) -> MetricsVm {
         require_kvm();
         let sock = dir.join("vm.sock");
+        let json = dir.join("stats.json");
         let mut child = Command::new(vmm_bin())
             .args(["run", "--guest", "soak", "--mem", "64M", "--quiet"])
             .args(["--cmdline", "seconds=0 pattern=mix"])
-            .args(["--metrics-addr", "127.0.0.1:0", "--api-socket"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--stats-json"])
+            .arg(&json)
+            .arg("--api-socket")
             .arg(&sock)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -173,7 +177,12 @@ impl MetricsVm {
             .unwrap();
         // Keep draining stderr so the VMM never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        MetricsVm { child, addr, sock }
+        MetricsVm {
+            child,
+            addr,
+            sock,
+            json,
+        }
     }
 
     /// `GET path` with `accept`: (status line, headers, body).
@@ -303,6 +312,15 @@ fn metrics_over_http_parse_and_carry_the_conversion_counters() {
     assert!(sample(&scrape, "vmm_vcpu_pauses_total", &[]) > before);
     let o = vmm(&["ctl", vm.sock.to_str().unwrap(), "shutdown"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let mut vm = vm;
+    assert!(vm.child.wait().unwrap().success());
+    // The summary's pause counter is the same one: the control-socket pause is in it.
+    let stats = read_json(&vm.json);
+    assert!(
+        stats["memconv"]["vcpu_pauses"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert_eq!(stats["vcpu_pauses"], stats["memconv"]["vcpu_pauses"]);
 }
 
 #[test]
