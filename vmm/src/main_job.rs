@@ -2,13 +2,12 @@
 //! confidential-style VM that shows what the project is for: the `io` guest writes, reads back
 //! and verifies a virtio-blk disk through its swiotlb bounce pool (the default policy), on the
 //! default stores, so the summary shows conversions, the pool, DMA and double allocation. The
-//! disk is a temporary image this module creates and removes: when the run ends, on an error,
-//! and on SIGINT/SIGTERM/SIGHUP (the handler unlinks it and re-raises the signal).
+//! disk is a temporary image ([`TempDisk`]) removed when it is dropped: when the run ends, on an
+//! error, and after a stop signal (`crate::signals` ends the VM cleanly, so `vmm run` returns
+//! and drops it; a forced second signal removes it through
+//! `SignalStop::remove_on_forced_exit`).
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// The guest of the main job.
 pub const GUEST: &str = "io";
@@ -41,27 +40,7 @@ pub enum MainJobError {
     },
 }
 
-/// The path the signal handler unlinks (a leaked C string), or null.
-static SIGNAL_UNLINK: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The signals that remove the temporary disk before the process dies of them.
-const CLEANUP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-
-extern "C" fn unlink_and_reraise(sig: libc::c_int) {
-    let path = SIGNAL_UNLINK.swap(std::ptr::null_mut(), Ordering::SeqCst);
-    // SAFETY: unlink, signal and raise are async-signal-safe; `path` is null or a
-    // NUL-terminated string leaked by `TempDisk::create` and never freed.
-    unsafe {
-        if !path.is_null() {
-            libc::unlink(path);
-        }
-        libc::signal(sig, libc::SIG_DFL);
-        libc::raise(sig);
-    }
-}
-
-/// A disk image removed when dropped (and by the signal handler if the process is killed by
-/// SIGINT, SIGTERM or SIGHUP first).
+/// A disk image removed when dropped.
 pub struct TempDisk {
     path: PathBuf,
 }
@@ -84,18 +63,6 @@ impl TempDisk {
             path: disk.path.clone(),
             source,
         })?;
-        if let Ok(c) = CString::new(disk.path.as_os_str().as_bytes()) {
-            SIGNAL_UNLINK.store(c.into_raw(), Ordering::SeqCst);
-            for sig in CLEANUP_SIGNALS {
-                // SAFETY: installs a handler that only calls async-signal-safe functions.
-                unsafe {
-                    libc::signal(
-                        sig,
-                        unlink_and_reraise as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                    );
-                }
-            }
-        }
         Ok(disk)
     }
 
@@ -107,9 +74,6 @@ impl TempDisk {
 
 impl Drop for TempDisk {
     fn drop(&mut self) {
-        // The signal handler no longer has anything to remove (the string stays leaked: a
-        // handler may be reading it right now).
-        SIGNAL_UNLINK.store(std::ptr::null_mut(), Ordering::SeqCst);
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!("cannot remove {}: {e}", self.path.display());
         }

@@ -198,6 +198,13 @@ const SOAK_KEYS: &[Key] = &[
 
 const SPIN_KEYS: &[Key] = &[num("iters", 0, u64::MAX, "a count")];
 
+const DMARACE_KEYS: &[Key] = &[
+    num("rounds", 0, u64::MAX, "a count"),
+    num("mix", 0, u64::MAX, "chunks to mix (at most 64 are)"),
+    num("delay_max_us", 0, u64::MAX, "microseconds"),
+    num("hold_us", 0, u64::MAX, "microseconds"),
+];
+
 const FAULT_KEYS: &[Key] = &[key(
     "fault",
     Accepts::OneOf(&["ud", "bp", "de", "gp", "pf"]),
@@ -229,6 +236,7 @@ pub fn fixture_keys(name: &str) -> Option<KeyGroups> {
         "convert" => &[CONVERT_KEYS],
         "soak" => &[SOAK_KEYS],
         "spin" => &[SPIN_KEYS],
+        "dmarace" => &[DMARACE_KEYS],
         "fault" => &[FAULT_KEYS],
         _ => return None,
     })

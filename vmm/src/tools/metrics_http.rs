@@ -96,6 +96,7 @@ fn view(vm: &LiveVm) -> StatsView {
         vcpu_pauses,
         snapshot_us: 0,
         memconv,
+        disk: vm.shared.disk_stats(),
     };
     // The wire form is what `vmm ctl` renders from: go through it, so both render the same.
     serde_json::to_value(&reply)

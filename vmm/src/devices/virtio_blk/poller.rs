@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use memconv::log_sample::{self, Sampler};
+use memconv::log_limit::LogLimiter;
 
 use super::queue::Core;
 use super::stats::bump;
@@ -64,11 +64,12 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
         let (done, active) = core.service_round();
         if done > 0 {
             if tracing::enabled!(tracing::Level::DEBUG) {
-                static ROUNDS: Sampler = Sampler::new(log_sample::DEFAULT_PERIOD);
-                if let Some(held) = ROUNDS.ready() {
+                static ROUNDS: LogLimiter = LogLimiter::new(10);
+                if ROUNDS.allow() {
                     tracing::debug!(
-                        "virtio-blk: {done} requests completed this round, {} so far ({held} rounds not shown)",
-                        core.counters.requests.load(Ordering::Relaxed)
+                        "virtio-blk: {done} requests completed this round, {} so far ({} rounds not shown so far)",
+                        core.counters.requests.load(Ordering::Relaxed),
+                        ROUNDS.suppressed()
                     );
                 }
             }
@@ -89,12 +90,13 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
         wakeup.sleep();
         core.after_wake();
         if tracing::enabled!(tracing::Level::DEBUG) {
-            static SLEEPS: Sampler = Sampler::new(log_sample::DEFAULT_PERIOD);
-            if let Some(held) = SLEEPS.ready() {
+            static SLEEPS: LogLimiter = LogLimiter::new(10);
+            if SLEEPS.allow() {
                 tracing::debug!(
-                    "virtio-blk: poller slept {} after {} idle, woken by a doorbell or the end ({held} sleeps not shown)",
+                    "virtio-blk: poller slept {} after {} idle, woken by a doorbell or the end ({} sleeps not shown so far)",
                     memconv::stats::units::duration(slept.elapsed().as_nanos() as u64),
-                    memconv::stats::units::duration(idle.as_nanos() as u64)
+                    memconv::stats::units::duration(idle.as_nanos() as u64),
+                    SLEEPS.suppressed()
                 );
             }
         }
