@@ -113,12 +113,12 @@ impl StatsSnapshot {
         let f = &self.fence;
         let _ = writeln!(
             s,
-            "  dma fence: pins {} (busy {}), conversions that waited for device accesses {} (busy {}, longest {} us)",
+            "  dma fence: pins {} (busy {}), conversions that waited for device accesses {} (busy {}, longest {})",
             f.pins,
             f.pins_busy,
             f.conversion_waits,
             f.conversions_busy,
-            f.wait_max_ns / 1000
+            duration(f.wait_max_ns)
         );
         let l = &self.latency;
         let _ = writeln!(
