@@ -8,14 +8,17 @@
 //! a *violation* (no byte of it is transferred; if the status byte itself is not shared,
 //! nothing is written and the used length is 0). A request whose pages a conversion holds
 //! right now is not executed: [`Processed::Retry`] puts it back for a later round. One whose
-//! shared-store pages are not allocated (an access would fault) fails with IOERR as an error. Other bad requests (malformed chains,
-//! indirect descriptors, which are not offered, out-of-range sectors, huge lengths, I/O
-//! errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*.
+//! shared-store pages are not allocated (an access would fault) fails with IOERR as an error.
+//! Other bad requests (malformed chains, indirect descriptors, which are not offered,
+//! out-of-range sectors, huge lengths, I/O errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*; those the
+//! image failed (a [`TransferError`](super::disk::TransferError): full filesystem, truncated
+//! image, flush error) count as *io_errors* too.
 
-use std::io;
 use std::sync::atomic::{fence, Ordering};
 
 use memconv::{DmaPin, FenceError};
+use smallvec::SmallVec;
+use vm_memory::VolatileSlice;
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::guest::GuestAccess;
@@ -47,6 +50,8 @@ pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 enum ReqFail {
     /// Touches memory that is not shared: IOERR + violation.
     Violation,
+    /// The image failed the transfer or flush: IOERR + error + io_error.
+    Io,
     /// Anything else: IOERR + error.
     Error,
 }
@@ -118,7 +123,7 @@ impl Requests<'_> {
                 Err(FenceError::Busy) => return Processed::Retry,
                 Err(e @ FenceError::NotBacked { .. }) => {
                     // An access would fault: fail the request instead (never expected).
-                    tracing::warn!("virtio-blk: request refused: {e}");
+                    memconv::guest_warn!("virtio-blk: request refused: {e}");
                     (Err(ReqFail::Error), None)
                 }
                 Err(e) => {
@@ -147,6 +152,11 @@ impl Requests<'_> {
             }
             Err(ReqFail::Error) => {
                 bump(&self.counters.errors, 1);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Err(ReqFail::Io) => {
+                bump(&self.counters.errors, 1);
+                bump(&self.counters.io_errors, 1);
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
@@ -218,14 +228,7 @@ impl Requests<'_> {
                     Some(end) if end <= self.disk.len() => {}
                     _ => return Err(ReqFail::Error),
                 }
-                let mut off = start;
-                for s in data {
-                    self.transfer(s, off, write_to_guest).map_err(|e| {
-                        tracing::debug!("virtio-blk: I/O at {off:#x} failed: {e}");
-                        ReqFail::Error
-                    })?;
-                    off += u64::from(s.len);
-                }
+                self.transfer(data, start, write_to_guest)?;
                 if write_to_guest {
                     bump(&self.counters.reads, 1);
                     bump(&self.counters.bytes_read, total);
@@ -237,7 +240,8 @@ impl Requests<'_> {
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.disk.flush().map_err(|_| ReqFail::Error)?;
+                // The disk logs its own failures (rate-limited).
+                self.disk.flush().map_err(|_| ReqFail::Io)?;
                 bump(&self.counters.flushes, 1);
                 Ok((VIRTIO_BLK_S_OK, 0))
             }
@@ -261,27 +265,24 @@ impl Requests<'_> {
         }
     }
 
-    /// Moves `seg.len` bytes between the disk at `off` and guest memory (pinned by the caller).
-    fn transfer(&self, seg: &Seg, off: u64, to_guest: bool) -> io::Result<()> {
-        let len = seg.len as usize;
-        if len == 0 {
-            return Ok(());
+    /// Moves the request's data between the disk at `off` and guest memory (pinned by
+    /// the caller), in one vectored call.
+    fn transfer(&self, data: &[Seg], off: u64, to_guest: bool) -> Result<(), ReqFail> {
+        let mut slices: SmallVec<[VolatileSlice<'_>; 8]> = SmallVec::new();
+        for s in data.iter().filter(|s| s.len > 0) {
+            let slice = self.guest.slice(s.addr, s.len as usize).map_err(|e| {
+                tracing::debug!("virtio-blk: {e}");
+                ReqFail::Error
+            })?;
+            slices.push(slice);
         }
-        let in_disk = off
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= self.disk.len());
-        if !in_disk {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        let slice = self
-            .guest
-            .slice(seg.addr, len)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        if to_guest {
-            self.disk.read_into(off, &slice)?;
+        // The disk logs its own failures (rate-limited).
+        let moved = if to_guest {
+            self.disk.read_into(off, &slices)
         } else {
-            self.disk.write_from(off, &slice)?;
-        }
+            self.disk.write_from(off, &slices)
+        };
+        moved.map_err(|_| ReqFail::Io)?;
         fence(Ordering::Release);
         Ok(())
     }
