@@ -208,8 +208,11 @@ pub const ERR_INVALID_ATTRS: u32 = 7;
 pub const ERR_BAD_REQUEST: u32 = 8;
 /// Error: the host failed internally; the range is left as it was.
 pub const ERR_INTERNAL: u32 = 9;
+/// Error: a device access to the range was still in flight after the host's bounded wait
+/// (the DMA fence); nothing changed, retry.
+pub const ERR_BUSY: u32 = 10;
 /// Number of distinct status codes (for per-code counters).
-pub const STATUS_COUNT: usize = 10;
+pub const STATUS_COUNT: usize = 11;
 
 /// Human-readable name of a status code.
 pub const fn status_name(status: u32) -> &'static str {
@@ -224,6 +227,7 @@ pub const fn status_name(status: u32) -> &'static str {
         ERR_INVALID_ATTRS => "invalid_attrs",
         ERR_BAD_REQUEST => "bad_request",
         ERR_INTERNAL => "internal",
+        ERR_BUSY => "busy",
         _ => "unknown",
     }
 }

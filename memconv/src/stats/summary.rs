@@ -100,6 +100,16 @@ impl StatsSnapshot {
             self.punch_failures,
             self.unrecovered_failures
         );
+        let f = &self.fence;
+        let _ = writeln!(
+            s,
+            "  dma fence: pins {} (busy {}), conversions that waited for device accesses {} (busy {}, longest {} us)",
+            f.pins,
+            f.pins_busy,
+            f.conversion_waits,
+            f.conversions_busy,
+            f.wait_max_ns / 1000
+        );
         let l = &self.latency;
         let _ = writeln!(
             s,

@@ -26,6 +26,7 @@ pub struct Counters {
     pub(super) sleeps: AtomicU64,
     pub(super) polls: AtomicU64,
     pub(super) resets: AtomicU64,
+    pub(super) fence_retries: AtomicU64,
 }
 
 /// Adds `n` to counter `c`.
@@ -64,6 +65,7 @@ impl Counters {
             sleeps: g(&self.sleeps),
             polls: g(&self.polls),
             resets: g(&self.resets),
+            fence_retries: g(&self.fence_retries),
         }
     }
 }
@@ -113,6 +115,9 @@ pub struct BlkStats {
     pub polls: u64,
     /// Device resets by the driver.
     pub resets: u64,
+    /// Requests or ring rounds put back because a conversion held their pages (the DMA
+    /// fence said busy); each was retried on a later round.
+    pub fence_retries: u64,
 }
 
 impl BlkStats {
