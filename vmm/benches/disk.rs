@@ -6,7 +6,8 @@
 //! and their ratio (target: vectored >= 0.9x mapped). One thread, so far less sensitive to a
 //! loaded machine than `vmm bench io`, but still to be re-measured on a quiet one.
 //!
-//! Run: `cargo bench -p vmm --bench disk` (env VMM_DISK_BENCH_ROUNDS, default 7).
+//! Run: `cargo bench -p vmm --bench disk` (env VMM_DISK_BENCH_ROUNDS, default 7; the image
+//! lives in `TMPDIR`, so `TMPDIR=/dev/shm` measures tmpfs).
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
