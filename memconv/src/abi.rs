@@ -27,7 +27,8 @@
 //! vCPU i owns the shared page `MAILBOX_BASE_GPA + i * 4096`: a [`MailboxHeader`] followed by
 //! up to [`MAILBOX_MAX_ENTRIES`] [`MailboxEntry`] (for `OP_CONVERT` / `OP_ACCEPT`) or a
 //! payload (for `OP_REPORT`). The guest fills it, then writes its vCPU index (u32) to
-//! `DOORBELL_PORT`. The host processes entries `cur_entry..end_entry`, writes each entry's
+//! `DOORBELL_PORT`; the host checks that value: any other (another vCPU's index, an index out of
+//! range) is refused without touching any mailbox and counted (`doorbell_mismatch`). The host processes entries `cur_entry..end_entry`, writes each entry's
 //! `status`, advances `cur_entry` past the entries it processed and sets the header `status`
 //! (`STATUS_OK`, or the first error). The host may stop before `end_entry`; the guest rings
 //! again until `cur_entry == end_entry`. One doorbell can carry up to 169 ranges.

@@ -8,9 +8,9 @@
 //! (validate, convert, accept; owns the counters), [`fence`] (device accesses and conversions
 //! exclude each other: pins and the lock-free shared bitmap), [`status`] ([`ConversionError`], the typed
 //! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
-//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`service`]
-//! ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`]
-//! (configuration).
+//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`log_limit`] (the
+//! rate limit of guest-caused log lines), [`service`] ([`ConversionService`]), [`host_vm`]
+//! ([`HostVm`], what memconv needs from KVM), [`ram`] (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -27,6 +27,8 @@ pub mod fence;
 pub mod host_vm;
 #[cfg(feature = "host")]
 pub mod layout;
+#[cfg(feature = "host")]
+pub mod log_limit;
 #[cfg(feature = "host")]
 pub mod mailbox;
 #[cfg(feature = "host")]

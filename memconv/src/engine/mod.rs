@@ -328,7 +328,7 @@ impl Engine {
             }
             Err(e) => {
                 if e == ConversionError::DoubleAccept {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         "security violation: double accept of gpa {gpa:#x} npages {npages}"
                     );
                 }

@@ -146,7 +146,7 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
     w.family(
         "vmm_vcpu_exits_total",
         "counter",
-        "vCPU exits out of KVM_RUN by reason; reason=\"total\" counts all of them, and serial, doorbell and unknown_port exits are also counted in io_out or io_in.",
+        "vCPU exits out of KVM_RUN by reason; reason=\"total\" counts all of them, and serial, doorbell and unknown_port exits are also counted in io_out or io_in, doorbell_mismatch (refused doorbells) also in doorbell.",
     );
     for (cpu, exits) in s.exits.iter().enumerate() {
         let cpu = cpu.to_string();

@@ -168,6 +168,24 @@ impl BlockDevice {
             .spawn(move || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle))
             .map_err(DiskError::Thread)
     }
+
+    /// Starts the poller thread with a panic guard: a panic in it calls `on_panic` with the
+    /// panic's text (the VMM ends the VM with it) instead of leaving the guest without its disk.
+    pub fn spawn_poller_guarded(
+        self: &Arc<Self>,
+        on_panic: impl FnOnce(String) + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<()>, DiskError> {
+        let dev = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || {
+                let run = || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle);
+                if let Err(msg) = crate::panic_guard::guarded(run) {
+                    on_panic(msg);
+                }
+            })
+            .map_err(DiskError::Thread)
+    }
 }
 
 impl BusDevice for BlockDevice {

@@ -11,7 +11,8 @@
 //! shared-store pages are not allocated (an access would fault) fails with IOERR as an error.
 //! Other bad requests (malformed chains, indirect descriptors, which are not offered,
 //! out-of-range sectors, huge lengths, I/O errors) complete with IOERR (UNSUPP for unknown
-//! types) and count as *errors*; those the image failed (a [`TransferError`](super::disk::TransferError): full filesystem, truncated
+//! types) and count as *errors*; those the image failed (a
+//! [`TransferError`](super::disk::TransferError): full filesystem, truncated
 //! image, flush error) count as *io_errors* too.
 
 use std::sync::atomic::{fence, Ordering};
@@ -123,7 +124,7 @@ impl Requests<'_> {
                 Err(FenceError::Busy) => return Processed::Retry,
                 Err(e @ FenceError::NotBacked { .. }) => {
                     // An access would fault: fail the request instead (never expected).
-                    tracing::warn!("virtio-blk: request refused: {e}");
+                    memconv::guest_warn!("virtio-blk: request refused: {e}");
                     (Err(ReqFail::Error), None)
                 }
                 Err(e) => {

@@ -113,10 +113,10 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     let d = &m.double_alloc;
     let _ = writeln!(
         o,
-        "double allocation: computed {:.1} MiB (peak {:.1}), kernel {:.1} MiB; mixed chunks {} (peak {}), memslots {}",
+        "double allocation: kernel-measured {:.1} MiB, engine bound {:.1} MiB (peak {:.1}); mixed chunks {} (peak {}), memslots {}",
+        mib(d.kernel_bytes),
         mib(d.computed_bytes),
         mib(d.computed_peak_bytes),
-        mib(d.kernel_bytes),
         m.mixed_chunks,
         m.mixed_chunks_peak,
         m.memslots
