@@ -111,8 +111,9 @@ pub struct RunSummary {
     pub pool_timeline: Vec<vcpu::PoolSample>,
     /// The virtio block device's counters, when the VM had one.
     pub disk: Option<BlkStats>,
-    /// Guest-caused log lines suppressed by the rate limit (`memconv::log_limit`; process-wide,
-    /// so exactly this VM's under `vmm run`).
+    /// Guest-caused log lines suppressed by the rate limits: `memconv::log_limit` (process-wide,
+    /// so exactly this VM's under `vmm run`) plus the disk's failure log
+    /// (`disk.io_error_log_suppressed`).
     pub suppressed_log_lines: u64,
 }
 
@@ -203,7 +204,7 @@ impl RunSummary {
         }
         if self.suppressed_log_lines > 0 {
             out.push_str(&format!(
-                "log: {} guest-caused warning lines suppressed (at most {} per second are written)\n",
+                "log: {} guest-caused warning lines suppressed by rate limits (at most {} per second each)\n",
                 self.suppressed_log_lines,
                 memconv::log_limit::GUEST_LOG.per_second()
             ));
@@ -474,6 +475,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         }
     }
 
+    let disk = devices.block().map(|b| b.stats());
     let summary = RunSummary {
         config: cfg.clone(),
         host: match host_kind {
@@ -503,8 +505,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             stats
         },
         pool_timeline: shared.pool_timeline(),
-        disk: devices.block().map(|b| b.stats()),
-        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed(),
+        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed()
+            + disk.as_ref().map_or(0, |d| d.io_error_log_suppressed),
+        disk,
     };
     Ok(RunOutcome { summary })
 }
