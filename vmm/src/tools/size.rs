@@ -34,7 +34,7 @@ pub enum SizeError {
         /// Pool size probed.
         bytes: u64,
         /// Why.
-        source: ConformError,
+        source: Box<ConformError>,
     },
     /// Writing results failed.
     #[error("cannot write {path}: {source}")]
@@ -172,12 +172,13 @@ fn probe(opts: &SizeOptions, policy: &str, w: Workload, bytes: u64) -> Result<Pr
         timeout: opts.timeout,
         shard: Shard::ALL,
         chart_workload: None,
+        keep_disks: false,
     };
     let err = |source| SizeError::Probe {
         policy: policy.to_string(),
         workload: w.name(),
         bytes,
-        source,
+        source: Box::new(source),
     };
     let outcome = conform::run(&copts).map_err(err)?;
     let r = outcome
