@@ -94,6 +94,9 @@ fn a_plug_in_under_a_built_in_name_is_refused() {
     require_kvm();
     let dir = scratch("mislabel");
     let out = dir.join("out");
+    // Refused before any cell runs: the plug-in guest does not offer `policy=legacy` (a guest
+    // that took it anyway would fail its row's policy_name_matches invariant, unit-tested in
+    // the vmm crate).
     let o = conform_into(
         &out,
         &[
@@ -105,20 +108,7 @@ fn a_plug_in_under_a_built_in_name_is_refused() {
             "memfd-memfd/4k/steady",
         ],
     );
-    assert_eq!(code(&o), 1, "{}\n{}", stdout(&o), stderr(&o));
-    let json = read_json(&out.join("conform.json"));
-    let cell = &json["cells"][0];
-    let failed: Vec<&str> = cell["invariants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["passed"] == false)
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert!(failed.contains(&"policy_name_matches"), "{cell}");
-    assert!(
-        stdout(&o).contains("FAIL legacy/memfd-memfd/4k/steady policy_name_matches"),
-        "{}",
-        stdout(&o)
-    );
+    assert_eq!(code(&o), 2, "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("policy"), "{}", stderr(&o));
+    assert!(!out.join("conform.json").exists());
 }

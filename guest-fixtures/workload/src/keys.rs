@@ -79,12 +79,13 @@ const fn num(name: &'static str, min: u64, max: u64, values: &'static str) -> Ke
 }
 
 /// The built-in policies' names (`policy=`).
-pub const POLICY_NAMES: [&str; 5] = [
+pub const POLICY_NAMES: [&str; 6] = [
     PolicyKind::Legacy.name(),
     PolicyKind::Dynamic.name(),
     PolicyKind::Refill.name(),
     PolicyKind::Throttle.name(),
     PolicyKind::Aligned2m.name(),
+    PolicyKind::Adaptive.name(),
 ];
 
 /// The pool's keys other than `policy=` (see the swiotlb crate's `config` module).
@@ -116,13 +117,17 @@ pub const POOL_KEYS: &[Key] = &[
     key("low", Accepts::Pool, "a percentage 0..=100, at most high="),
     key("wait_ms", Accepts::Pool, "milliseconds"),
     key("sem", Accepts::Pool, "a count"),
+    key("lowat", Accepts::Pool, "a size, e.g. 512K"),
+    key("reserve", Accepts::Pool, "a size, e.g. 512K"),
+    key("soft", Accepts::Pool, "a size, e.g. 32M"),
+    key("hold_ms", Accepts::Pool, "milliseconds (0: never)"),
 ];
 
 /// The built-in policies' `policy=`.
 pub const POLICY_KEY: Key = key(
     "policy",
     Accepts::OneOf(&POLICY_NAMES),
-    "legacy|dynamic|refill|throttle|aligned-2m",
+    "legacy|dynamic|refill|throttle|aligned-2m|adaptive",
 );
 
 /// The io workload's own keys (see `fixtures::io_workload`).
