@@ -15,7 +15,7 @@ use crate::config::{parse_size, ConfigError, DiskConfig, ExecMode, VmConfig};
 use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::fixtures::{self, FixtureError};
 use crate::run;
-use crate::tools::{bench, conform, ctl};
+use crate::tools::{bench, conform, ctl, replay};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +43,33 @@ enum Command {
     /// Talk to a running VM's control socket (`vmm run --api-socket PATH`). Exit status 2 when
     /// no VMM serves PATH, 1 when the VMM refuses the command.
     Ctl(CtlArgs),
+    /// Replay a Linux DMA-API trace (ftrace text of dma:* and swiotlb:* events, plain or
+    /// gzip). `--describe` prints its per-device summary and Linux slot model without a VM.
+    Replay(ReplayArgs),
+}
+
+/// Flags of `vmm replay`.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The trace: `/sys/kernel/tracing/trace` or `trace-cmd report` text, plain or gzip.
+    #[arg(value_name = "TRACE")]
+    trace: PathBuf,
+    /// The capture's swiotlb statistics (`W.swiotlb_stats`): `io_tlb_used` before the
+    /// workload is held from the start, `io_tlb_used_hiwater` after it is shown beside the model.
+    #[arg(long, value_name = "FILE")]
+    swiotlb_stats: Option<PathBuf>,
+    /// Maps of DEVICE may block whatever the trace's irq flags say (repeatable).
+    #[arg(long, value_name = "DEVICE")]
+    may_block: Vec<String>,
+    /// Print the summary without a VM.
+    #[arg(long)]
+    describe: bool,
+    /// With --describe: the summary as JSON.
+    #[arg(long, requires = "describe")]
+    json: bool,
+    /// Write the encoded op stream (the bytes the guest executes) to FILE.
+    #[arg(long, value_name = "FILE")]
+    dump_stream: Option<PathBuf>,
 }
 
 /// `vmm ctl SOCKET COMMAND`.
@@ -417,6 +444,27 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Ctl(args) => cmd_ctl(&args),
+        Command::Replay(args) => cmd_replay(&args),
+    }
+}
+
+fn cmd_replay(args: &ReplayArgs) -> ExitCode {
+    let opts = replay::ReplayOptions {
+        trace: args.trace.clone(),
+        swiotlb_stats: args.swiotlb_stats.clone(),
+        may_block: args.may_block.clone(),
+        json: args.json,
+        dump_stream: args.dump_stream.clone(),
+    };
+    if !args.describe {
+        return fail("running a trace in a guest is not built yet: use --describe");
+    }
+    match replay::describe(&opts) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -1,5 +1,5 @@
 //! Tooling built on the VMM core, apart from it: the conformance suite ([`conform`]), the
-//! benchmarks ([`bench`]), the `vmm ctl` control-socket client ([`ctl`]) and the Prometheus
+//! benchmarks ([`bench`]), the `vmm ctl` control-socket client ([`ctl`]), Linux DMA-trace replay ([`replay`]) and the Prometheus
 //! rendering of the control socket's statistics ([`metrics`]). Nothing in the core
 //! (run, api, vcpu, devices...) depends on this module.
 
@@ -7,3 +7,4 @@ pub mod bench;
 pub mod conform;
 pub mod ctl;
 pub mod metrics;
+pub mod replay;
