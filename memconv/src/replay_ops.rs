@@ -51,6 +51,14 @@ const TAG_DIR_SHIFT: u8 = 3;
 const TAG_MAY_BLOCK: u8 = 1 << 5;
 const TAG_HELD: u8 = 1 << 6;
 
+/// The 64-bit word at disk byte offset `8 * word` of a replay's disk image: the host fills the
+/// image with it, the guest writes it for TO_DEVICE mappings and checks it after FROM_DEVICE
+/// ones, so every byte a device moved is verified.
+pub const fn pattern_word(word: u64) -> u64 {
+    let x = (word ^ 0x5245_504c_4159_0001).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^ (x >> 29)
+}
+
 /// The stream header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamHeader {

@@ -1,6 +1,8 @@
 //! `vmm replay TRACE`: loads a Linux DMA-API trace with the `replay` crate (parse, pair,
 //! held-from-start mappings, the Linux slot model) and, with `--describe`, prints its
-//! per-device summary without a VM.
+//! per-device summary without a VM; otherwise boots the `io` fixture with the encoded op
+//! stream in guest RAM and a disk image filled with `replay_ops::pattern_word`, reads the
+//! guest's `replay: done` line and reports `replay.*` (and the run's statistics) as JSON.
 
 use std::path::PathBuf;
 
@@ -15,6 +17,15 @@ pub enum ReplayError {
     /// The summary could not be rendered as JSON.
     #[error("cannot render the summary as JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The VM did not run.
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
+    /// The guest image is missing.
+    #[error(transparent)]
+    Fixture(#[from] crate::fixtures::FixtureError),
+    /// The guest ended without its `replay: done` line.
+    #[error("the guest printed no `replay: done` line (exit status {0}); see its output above")]
+    NoResult(u8),
     /// The encoded op stream could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -89,5 +100,178 @@ pub fn describe(opts: &ReplayOptions) -> Result<String, ReplayError> {
         l.stream.ops,
         l.stream.bytes.len(),
         l.stream.handles
+    ))
+}
+
+/// How to run the VM of a replay.
+#[derive(Debug, Clone)]
+pub struct ReplayRun {
+    /// Guest RAM.
+    pub mem: u64,
+    /// vCPUs (the pool's areas; only vCPU 0 replays).
+    pub cpus: u32,
+    /// Pool options and other guest options.
+    pub cmdline: String,
+    /// Recorded gaps scaled by 1/speed; `None`: as fast as possible.
+    pub speed: Option<f64>,
+    /// Store behind private memory.
+    pub private: memconv::StoreKind,
+    /// Store behind shared memory.
+    pub shared: memconv::StoreKind,
+    /// Host granularity.
+    pub granularity: memconv::Granularity,
+    /// The disk image (created and filled with the pattern).
+    pub disk: PathBuf,
+    /// Its size in bytes.
+    pub disk_size: u64,
+    /// Print the guest's console.
+    pub echo: bool,
+}
+
+/// What a replay in a VM gave.
+#[derive(Debug, serde::Serialize)]
+pub struct ReplayReport {
+    /// `replay.*`.
+    pub replay: serde_json::Map<String, serde_json::Value>,
+    /// The VM's statistics.
+    pub run: crate::run::RunSummary,
+}
+
+/// Fills `path` with `size` bytes of the pattern the guest verifies.
+fn fill_disk(path: &std::path::Path, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut buf = Vec::with_capacity(1 << 20);
+    let words = size / 8;
+    let mut w = 0u64;
+    while w < words {
+        buf.clear();
+        let n = (words - w).min(1 << 17);
+        for i in 0..n {
+            buf.extend_from_slice(&memconv::replay_ops::pattern_word(w + i).to_le_bytes());
+        }
+        f.write_all(&buf)?;
+        w += n;
+    }
+    f.flush()
+}
+
+/// A console writer that keeps a copy of what the guest printed.
+struct Tee {
+    keep: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    echo: bool,
+}
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut k) = self.keep.lock() {
+            k.extend_from_slice(buf);
+        }
+        if self.echo {
+            std::io::stdout().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.echo {
+            std::io::stdout().flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The `key=value` pairs of the guest's `replay: done` line.
+pub fn parse_done_line(console: &str) -> Option<Vec<(String, String)>> {
+    let line = console.lines().rev().find(|l| l.starts_with("replay: done"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Runs the trace in a VM.
+pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport), ReplayError> {
+    let loaded = load(opts)?;
+    fill_disk(&r.disk, r.disk_size).map_err(|source| ReplayError::Write {
+        path: r.disk.display().to_string(),
+        source,
+    })?;
+    let mut cmdline = r.cmdline.clone();
+    if let Some(s) = r.speed {
+        cmdline.push_str(&format!(" replay_speed_milli={}", (s * 1000.0).round().max(1.0) as u64));
+    }
+    let cfg = crate::config::VmConfig {
+        guest: crate::fixtures::resolve("io")?,
+        mem: r.mem,
+        cpus: r.cpus,
+        serial: None,
+        cmdline,
+        exec: None,
+        private: r.private,
+        shared: r.shared,
+        granularity: r.granularity,
+        stats_json: None,
+        disk: Some(crate::config::DiskConfig {
+            path: r.disk.clone(),
+            create_size: None,
+            idle_us: crate::devices::virtio_blk::DEFAULT_IDLE_US,
+        }),
+    };
+    let keep = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let console = crate::serial::Console::with_writer(Box::new(Tee {
+        keep: keep.clone(),
+        echo: r.echo,
+    }));
+    let outcome = crate::run::run_vm_with_options(
+        &cfg,
+        crate::run::RunOptions {
+            console: Some(console),
+            replay_stream: Some(std::sync::Arc::new(loaded.stream.bytes.clone())),
+            ..Default::default()
+        },
+    )?;
+    let text = keep
+        .lock()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .unwrap_or_default();
+    let Some(pairs) = parse_done_line(&text) else {
+        return Err(ReplayError::NoResult(outcome.exit_status()));
+    };
+    let mut m = serde_json::Map::new();
+    let num = |k: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| n == k)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    for (k, v) in &pairs {
+        let val = match v.parse::<u64>() {
+            Ok(n) => serde_json::Value::from(n),
+            Err(_) => serde_json::Value::from(v.clone()),
+        };
+        m.insert(k.clone(), val);
+    }
+    // The pool counts used bytes in whole 2 KiB slots (legacy, throttle, dynamic's pools):
+    // its high-water in slots is Linux's `io_tlb_used_hiwater`.
+    let hw = num("pool_high_water_bytes").unwrap_or(0);
+    m.insert("high_water_slots".into(), (hw / replay::slots::SLOT_SIZE).into());
+    m.insert("high_water_bytes".into(), hw.into());
+    m.insert(
+        "model_high_water_slots".into(),
+        loaded.summary.slots.high_water_slots.into(),
+    );
+    if let Some(h) = loaded.summary.linux_hiwater {
+        m.insert("linux_hiwater_slots".into(), h.into());
+    }
+    m.insert("exit_status".into(), outcome.exit_status().into());
+    Ok((
+        loaded,
+        ReplayReport {
+            replay: m,
+            run: outcome.summary,
+        },
     ))
 }
