@@ -272,7 +272,11 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, p: &BootInfoParams<'_>) -> Result<
         tsc_khz: p.tsc_khz,
         image_start: p.image.start,
         image_end: p.image.end,
-        free_start: p.image.end.max(p.reserved_end).next_multiple_of(abi::HUGE_PAGE_SIZE),
+        free_start: p
+            .image
+            .end
+            .max(p.reserved_end)
+            .next_multiple_of(abi::HUGE_PAGE_SIZE),
         mmio_base: abi::MMIO_BASE_GPA,
         mmio_size: abi::MMIO_SIZE,
         device_count: p.devices.len().min(abi::MAX_DEVICES) as u32,

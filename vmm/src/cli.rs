@@ -541,7 +541,13 @@ fn cmd_replay_vm(args: &ReplayArgs, opts: &replay::ReplayOptions) -> ExitCode {
             return fail(format!("cannot write --stats-json {}: {e}", path.display()));
         }
     }
-    let g = |k: &str| report.replay.get(k).map(|v| v.to_string()).unwrap_or_default();
+    let g = |k: &str| {
+        report
+            .replay
+            .get(k)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
     println!(
         "replay: ops={} maps={} failed_maps={} high_water_slots={} (model {}, Linux {}) high_water_bytes={} moved={} unmoved={} verified={} mismatches={}",
         g("ops"),

@@ -183,7 +183,10 @@ impl std::io::Write for Tee {
 
 /// The `key=value` pairs of the guest's `replay: done` line.
 pub fn parse_done_line(console: &str) -> Option<Vec<(String, String)>> {
-    let line = console.lines().rev().find(|l| l.starts_with("replay: done"))?;
+    let line = console
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("replay: done"))?;
     Some(
         line.split_whitespace()
             .filter_map(|t| t.split_once('='))
@@ -201,7 +204,10 @@ pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport)
     })?;
     let mut cmdline = r.cmdline.clone();
     if let Some(s) = r.speed {
-        cmdline.push_str(&format!(" replay_speed_milli={}", (s * 1000.0).round().max(1.0) as u64));
+        cmdline.push_str(&format!(
+            " replay_speed_milli={}",
+            (s * 1000.0).round().max(1.0) as u64
+        ));
     }
     let cfg = crate::config::VmConfig {
         guest: crate::fixtures::resolve("io")?,
@@ -257,7 +263,10 @@ pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport)
     // The pool counts used bytes in whole 2 KiB slots (legacy, throttle, dynamic's pools):
     // its high-water in slots is Linux's `io_tlb_used_hiwater`.
     let hw = num("pool_high_water_bytes").unwrap_or(0);
-    m.insert("high_water_slots".into(), (hw / replay::slots::SLOT_SIZE).into());
+    m.insert(
+        "high_water_slots".into(),
+        (hw / replay::slots::SLOT_SIZE).into(),
+    );
     m.insert("high_water_bytes".into(), hw.into());
     m.insert(
         "model_high_water_slots".into(),
