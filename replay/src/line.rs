@@ -227,6 +227,10 @@ pub fn is_noise(line: &str) -> bool {
 /// A ring-buffer overrun marker (`CPU:0 [LOST 12 EVENTS]`, trace-cmd's `[LOST EVENTS]`):
 /// the kernel dropped events. Returns the count when given.
 pub fn lost_events(line: &str) -> Option<u64> {
+    let t = line.trim_start();
+    if !t.starts_with("CPU:") && !t.starts_with("[LOST") {
+        return None;
+    }
     let i = line.find("[LOST ")?;
     let rest = &line[i + 6..];
     let n = rest.split_whitespace().next()?;

@@ -6,7 +6,8 @@
 //! block), unless its device is in the may-block override list. Errors name the line; what the
 //! kernel itself tolerates is a counted warning.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use thiserror::Error;
 
@@ -144,6 +145,41 @@ pub struct Mapping {
     pub unmapped: bool,
 }
 
+/// A multiply-rotate hasher for the small integer keys of the pairing tables (the default
+/// SipHash dominates the parse time of a large trace).
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<FastHasher>>;
+
 #[derive(Debug, Clone, Copy)]
 struct Live {
     mapping: u32,
@@ -174,6 +210,7 @@ pub struct Pairing {
     live_sg: HashMap<(u16, u64), Vec<u32>>,
     coherent: HashMap<(u16, u64), Live>,
     pending_bounces: HashMap<u32, u64>,
+    last_device: Option<(u16, String)>,
 }
 
 impl Pairing {
@@ -181,11 +218,24 @@ impl Pairing {
     pub fn new(may_block_devices: &[String]) -> Self {
         Pairing {
             may_block_devices: may_block_devices.to_vec(),
+            ops: Vec::with_capacity(1 << 16),
+            mappings: Vec::with_capacity(1 << 15),
             ..Default::default()
         }
     }
 
     fn device(&mut self, name: &str) -> u16 {
+        if let Some(&(i, ref last)) = self.last_device.as_ref() {
+            if last == name {
+                return i;
+            }
+        }
+        let i = self.device_slow(name);
+        self.last_device = Some((i, name.to_string()));
+        i
+    }
+
+    fn device_slow(&mut self, name: &str) -> u16 {
         if let Some(&i) = self.device_index.get(name) {
             return i;
         }
