@@ -139,6 +139,10 @@ fn phase_rate(
     };
     let (_, v0) = control.stats()?;
     std::thread::sleep(opts.phase);
+    if opts.phase >= crate::api::server::idle_timeout() / 2 {
+        // A long phase idles the control connection: the server may have dropped it.
+        *control = Client::connect(socket, Duration::from_secs(10))?;
+    }
     let (_, v1) = control.stats()?;
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = poll_thread {
