@@ -224,6 +224,7 @@ pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport)
             path: r.disk.clone(),
             create_size: None,
             idle_us: crate::devices::virtio_blk::DEFAULT_IDLE_US,
+            io: crate::devices::DiskIo::Vectored,
         }),
     };
     let keep = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -260,13 +261,17 @@ pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport)
         };
         m.insert(k.clone(), val);
     }
-    // The pool counts used bytes in whole 2 KiB slots (legacy, throttle, dynamic's pools):
-    // its high-water in slots is Linux's `io_tlb_used_hiwater`.
+    // The slot policies (legacy, dynamic, throttle, aligned-2m) count used bytes in whole
+    // 2 KiB slots: their high-water in slots is what Linux's `io_tlb_used_hiwater` counts.
+    // refill hands out size-class buffers (512 B .. 512 KiB), not slots: no slot figure.
     let hw = num("pool_high_water_bytes").unwrap_or(0);
-    m.insert(
-        "high_water_slots".into(),
-        (hw / replay::slots::SLOT_SIZE).into(),
-    );
+    let slot_policy = pairs.iter().any(|(k, v)| k == "policy" && v != "refill");
+    let slots = if slot_policy {
+        serde_json::Value::from(hw / replay::slots::SLOT_SIZE)
+    } else {
+        serde_json::Value::Null
+    };
+    m.insert("high_water_slots".into(), slots);
     m.insert("high_water_bytes".into(), hw.into());
     m.insert(
         "model_high_water_slots".into(),
