@@ -94,6 +94,13 @@ enum BenchCommand {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         secs: u64,
+        /// Also measure every figure with N busy threads beside the VM, in the same run, and
+        /// print loaded/quiet ratios (warns when they and the VM's threads outnumber the cores).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+        load: u64,
+        /// Measure every figure N times and print the median and the spread.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=50))]
+        repeat: u64,
     },
     /// Pool map+unmap operations per second inside the VM, per policy and vCPU count (the
     /// host-side twin: `cargo run --release -p swiotlb --features host --example bench_host`
@@ -143,7 +150,11 @@ impl BenchCommand {
     /// The benchmark these flags ask for.
     fn to_bench(&self) -> bench::Bench {
         match self {
-            BenchCommand::Io { secs } => bench::Bench::Io { secs: *secs },
+            BenchCommand::Io { secs, load, repeat } => bench::Bench::Io(bench::IoBenchOptions {
+                secs: *secs,
+                load: *load as usize,
+                repeat: *repeat as usize,
+            }),
             BenchCommand::Pool { ms, size } => bench::Bench::Pool {
                 ms: *ms,
                 size: *size,

@@ -18,3 +18,4 @@ pub mod serial;
 pub mod tools;
 pub mod vcpu;
 pub mod vm;
+pub mod wait;

@@ -348,6 +348,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         )
         .with_devices(Arc::clone(&devices)),
     );
+    if let Some(blk) = devices.block() {
+        blk.wake_on_completion(shared.waker());
+    }
     let setup_ms = ms(created.elapsed());
     let mut threads = Vec::with_capacity(vcpus.len());
     for (cpu, fd) in vcpus.into_iter().enumerate() {
