@@ -28,12 +28,14 @@ pub unsafe fn outl(port: u16, value: u32) {
     };
 }
 
-/// Halt until the next interrupt or spurious wake-up.
+/// Halt until the next interrupt or spurious wake-up. `rax` is 0, never
+/// [`memconv::abi::HLT_WAIT_MAGIC`] (left there by an earlier [`hlt_wait`]), so the host sees
+/// a vCPU that is done, not one that waits.
 #[inline]
 pub fn hlt() {
     // SAFETY: `hlt` only waits; interrupts are off in the guest, so it may also return
     // spuriously, which callers tolerate.
-    unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) };
+    unsafe { asm!("hlt", in("rax") 0u64, options(nomem, nostack, preserves_flags)) };
 }
 
 /// Wait in a `hlt` the host ends ([`memconv::abi::HLT_WAIT_MAGIC`]): when a device completes
