@@ -35,6 +35,9 @@ pub enum ConversionError {
     /// The host failed internally.
     #[error("internal error")]
     Internal,
+    /// A device access to the range did not finish within the fence's bound; retry.
+    #[error("busy: a device access is in flight; retry")]
+    Busy,
 }
 
 /// The result of one conversion or accept.
@@ -52,6 +55,7 @@ impl ConversionError {
         ConversionError::InvalidAttrs,
         ConversionError::BadRequest,
         ConversionError::Internal,
+        ConversionError::Busy,
     ];
 
     /// The abi error code.
@@ -66,6 +70,7 @@ impl ConversionError {
             ConversionError::InvalidAttrs => abi::ERR_INVALID_ATTRS,
             ConversionError::BadRequest => abi::ERR_BAD_REQUEST,
             ConversionError::Internal => abi::ERR_INTERNAL,
+            ConversionError::Busy => abi::ERR_BUSY,
         }
     }
 

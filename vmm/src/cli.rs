@@ -94,11 +94,19 @@ enum BenchCommand {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         secs: u64,
+        /// Runs of each disk data path (preadv/pwritev vs the old mmap path) in the
+        /// side-by-side comparison, interleaved A/B.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Only the data-path comparison (skip the per-policy table).
+        #[arg(long)]
+        data_path_only: bool,
         /// Also measure every figure with N busy threads beside the VM, in the same run, and
         /// print loaded/quiet ratios (warns when they and the VM's threads outnumber the cores).
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
         load: u64,
-        /// Measure every figure N times and print the median and the spread.
+        /// Measure every per-policy figure N times and print the median and the spread (the
+        /// data-path comparison has its own --repeats).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=50))]
         repeat: u64,
     },
@@ -150,8 +158,16 @@ impl BenchCommand {
     /// The benchmark these flags ask for.
     fn to_bench(&self) -> bench::Bench {
         match self {
-            BenchCommand::Io { secs, load, repeat } => bench::Bench::Io(bench::IoBenchOptions {
+            BenchCommand::Io {
+                secs,
+                repeats,
+                data_path_only,
+                load,
+                repeat,
+            } => bench::Bench::Io(bench::IoBenchOptions {
                 secs: *secs,
+                repeats: *repeats,
+                data_path_only: *data_path_only,
                 load: *load as usize,
                 repeat: *repeat as usize,
             }),
@@ -288,6 +304,8 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr must not make tracing report its own write errors.
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -297,6 +315,7 @@ impl RunArgs {
             path: path.clone(),
             create_size: self.disk_size,
             idle_us: self.disk_idle_us,
+            io: crate::devices::DiskIo::Vectored,
         })
     }
 
@@ -319,23 +338,49 @@ impl RunArgs {
 }
 
 fn cmd_run(args: &RunArgs) -> ExitCode {
+    // First, before any thread exists: every thread spawned later inherits the signal mask.
+    let signals = match crate::signals::SignalStop::install() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let cfg = match args.to_config() {
         Ok(cfg) => cfg,
         Err(e) => return fail(e),
     };
+    // Opened (created or truncated) before boot: an unwritable path is refused now, not after
+    // the run.
+    let mut stats_file = match &cfg.stats_json {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(format!("cannot write --stats-json {}: {e}", path.display())),
+        },
+        None => None,
+    };
     let opts = run::RunOptions {
         api_socket: args.api_socket.clone(),
+        signals: Some(signals),
         ..Default::default()
     };
     let outcome = match run::run_vm_with_options(&cfg, opts) {
         Ok(o) => o,
-        Err(e) => return fail(e),
+        Err(e) => {
+            if let (Some(path), Some(f)) = (&cfg.stats_json, stats_file.take()) {
+                // Nothing was measured: leave no empty file behind.
+                drop(f);
+                let _ = std::fs::remove_file(path);
+            }
+            return fail(e);
+        }
     };
     let summary = &outcome.summary;
-    if let Some(path) = &cfg.stats_json {
+    if let (Some(path), Some(file)) = (&cfg.stats_json, stats_file.as_mut()) {
         let written = serde_json::to_vec_pretty(summary)
             .map_err(|e| e.to_string())
-            .and_then(|json| std::fs::write(path, json).map_err(|e| e.to_string()));
+            .and_then(|json| {
+                file.write_all(&json)
+                    .and_then(|()| file.flush())
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = written {
             let _ = writeln!(
                 std::io::stderr(),
@@ -356,6 +401,7 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
         );
     }
     if !args.quiet {
+        // A closed stdout (EPIPE; SIGPIPE is ignored) loses the summary, nothing else.
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(summary.render().as_bytes());
         let _ = out.flush();
@@ -405,8 +451,24 @@ fn cmd_fixtures() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Opens /dev/null on any of fds 0, 1, 2 that is closed (`vmm run >&-`): otherwise the next
+/// file the VMM opens (a memfd of guest RAM, the disk image) would get that number and receive
+/// whatever is written to stdout or stderr.
+fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        // SAFETY: a NUL-terminated path; open(2) returns the lowest free descriptor, which is
+        // `fd` (all lower ones are open), and it stays open for the process's lifetime.
+        unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+    }
+}
+
 /// The `vmm` entry point.
 pub fn main() -> ExitCode {
+    ensure_std_fds();
     init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

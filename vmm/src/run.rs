@@ -16,6 +16,7 @@ use crate::exit_codes::exit_status;
 use crate::fixtures::{self, FixtureError};
 use crate::pvm::{self, HostKind, PvmError};
 use crate::serial::{Console, SerialError};
+use crate::signals::SignalStop;
 use crate::vcpu::{self, ExitCounts, VcpuControl, VcpuError, VmEnd, VmShared};
 use crate::vm::{self, KvmVm, VmError, VmHost};
 
@@ -110,6 +111,9 @@ pub struct RunSummary {
     pub pool_timeline: Vec<vcpu::PoolSample>,
     /// The virtio block device's counters, when the VM had one.
     pub disk: Option<BlkStats>,
+    /// Guest-caused log lines suppressed by the rate limit (`memconv::log_limit`; process-wide,
+    /// so exactly this VM's under `vmm run`).
+    pub suppressed_log_lines: u64,
 }
 
 impl RunSummary {
@@ -126,7 +130,9 @@ impl RunSummary {
             VmEnd::Crash { cpu, reason, .. } => format!("CRASH on vCPU {cpu}: {reason}"),
             VmEnd::AllHalted => "all vCPUs halted".into(),
             VmEnd::Stopped => "stopped by the host".into(),
+            VmEnd::Signal { signal, number } => format!("stopped by signal {signal} ({number})"),
             VmEnd::HostError { cpu, error } => format!("host error on vCPU {cpu}: {error}"),
+            VmEnd::DeviceFailed { device, error } => format!("device {device} failed: {error}"),
         };
         out.push_str(&format!(
             "== vmm summary ==\nguest: {}  mem: {} MiB  cpus: {}  host: {}  exec: {}\n",
@@ -189,6 +195,19 @@ impl RunSummary {
         if let Some(d) = &self.disk {
             out.push_str(&d.render());
         }
+        let mismatched: u64 = self.exits.iter().map(|e| e.doorbell_mismatch).sum();
+        if mismatched > 0 {
+            out.push_str(&format!(
+                "doorbells refused (value not the ringing vCPU's index): {mismatched}\n"
+            ));
+        }
+        if self.suppressed_log_lines > 0 {
+            out.push_str(&format!(
+                "log: {} guest-caused warning lines suppressed (at most {} per second are written)\n",
+                self.suppressed_log_lines,
+                memconv::log_limit::GUEST_LOG.per_second()
+            ));
+        }
         out
     }
 }
@@ -220,7 +239,7 @@ pub fn run_vm_with_console(
         cfg,
         RunOptions {
             console,
-            api_socket: None,
+            ..Default::default()
         },
     )
 }
@@ -232,6 +251,8 @@ pub struct RunOptions {
     pub console: Option<Console>,
     /// Serve the control socket at this path while the VM runs (`--api-socket`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// Stop signals end this VM (`vmm run`: [`SignalStop::install`] before anything else).
+    pub signals: Option<Arc<SignalStop>>,
 }
 
 /// Like `run_vm`, with [`RunOptions`].
@@ -239,6 +260,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let RunOptions {
         console,
         api_socket,
+        signals,
     } = opts;
     cfg.validate()?;
     let image = fixtures::load(&cfg.guest)?;
@@ -247,6 +269,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         Some(path) => Some(crate::api::ApiSocket::bind(path)?),
         None => None,
     };
+    if let (Some(stop), Some(socket)) = (&signals, &api_socket) {
+        stop.set_socket(socket.path());
+    }
     let console = match console {
         Some(c) => c,
         None => Console::new(cfg.serial.as_deref())?,
@@ -279,7 +304,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
 
     let devices = match &cfg.disk {
         Some(d) => {
-            let disk = crate::devices::Disk::open(&d.path, d.create_size)?;
+            let disk = crate::devices::Disk::open_with(&d.path, d.create_size, d.io)?;
             let blk = BlockDevice::new(
                 disk,
                 memconv.clone(),
@@ -335,10 +360,6 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let control = Arc::new(VcpuControl::new(cfg.cpus));
     host.attach_vcpus(Arc::clone(&control));
     let devices = Arc::new(devices);
-    let poller = match devices.block() {
-        Some(blk) => Some(blk.spawn_poller()?),
-        None => None,
-    };
     let shared = Arc::new(
         VmShared::new(
             Arc::clone(&memconv),
@@ -351,6 +372,24 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     if let Some(blk) = devices.block() {
         blk.wake_on_completion(shared.waker());
     }
+    if let Some(stop) = &signals {
+        stop.attach(&shared);
+    }
+    let poller = match devices.block() {
+        Some(blk) => {
+            let on_panic = {
+                let shared = Arc::clone(&shared);
+                move |msg: String| {
+                    shared.end(VmEnd::DeviceFailed {
+                        device: "virtio-blk".into(),
+                        error: format!("device thread panicked: {msg}"),
+                    })
+                }
+            };
+            Some(blk.spawn_poller_guarded(on_panic)?)
+        }
+        None => None,
+    };
     let setup_ms = ms(created.elapsed());
     let mut threads = Vec::with_capacity(vcpus.len());
     for (cpu, fd) in vcpus.into_iter().enumerate() {
@@ -391,6 +430,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             tracing::error!("a vCPU thread panicked");
         }
     }
+    if let Some(stop) = &signals {
+        stop.detach();
+    }
     let total_ms = ms(created.elapsed());
     shared.console.flush();
     if let Some(blk) = devices.block() {
@@ -426,6 +468,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         memconv: memconv.stats(),
         pool_timeline: shared.pool_timeline(),
         disk: devices.block().map(|b| b.stats()),
+        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed(),
     };
     Ok(RunOutcome { summary })
 }

@@ -10,6 +10,7 @@ use super::counters::Counters;
 use super::histogram::LatencySnapshot;
 use super::pool_report::PoolReportSnapshot;
 use crate::abi::PAGE_SIZE;
+use crate::fence::FenceStats;
 use crate::ram::Granularity;
 use crate::status::ConversionError;
 use crate::store::StoreKind;
@@ -174,6 +175,8 @@ pub struct StatsSnapshot {
     pub pool_report: Option<PoolReportSnapshot>,
     /// Kernel query errors, if any (figures may be incomplete).
     pub kernel_query_errors: Vec<String>,
+    /// The DMA fence: device pins and conversions that waited for them.
+    pub fence: FenceStats,
 }
 
 impl Default for StatsSnapshot {
@@ -209,6 +212,7 @@ impl Default for StatsSnapshot {
             latency: LatencySnapshot::default(),
             pool_report: None,
             kernel_query_errors: Vec::new(),
+            fence: FenceStats::default(),
         }
     }
 }
@@ -304,6 +308,7 @@ impl StatsSnapshot {
             latency: c.latency.snapshot(),
             pool_report: c.pool_report.clone(),
             kernel_query_errors: inp.kernel_query_errors,
+            fence: FenceStats::default(),
         }
     }
 }

@@ -79,15 +79,25 @@ impl StatsSnapshot {
             );
         }
         let d = &self.double_alloc;
+        // The kernel's figure is the measurement; the engine's is an upper bound that holds
+        // exactly only when both stores release at the same granularity.
+        let (cmp, verdict) = if d.kernel_within_bound {
+            ("<=", "within bound")
+        } else {
+            (">", "OVER BOUND")
+        };
+        let exact = if d.agree {
+            "bound exact"
+        } else {
+            "bound not reached"
+        };
         let _ = writeln!(
             s,
-            "  double allocation: computed {:.1} MiB (peak {:.1} MiB, {:.1} MiB*s), kernel {:.1} MiB, agree={} within_bound={}",
+            "  double allocation: kernel-measured {:.1} MiB {cmp} engine bound {:.1} MiB: {verdict} ({exact}); bound peak {:.1} MiB, {:.1} MiB*s",
+            mib(d.kernel_bytes),
             mib(d.computed_bytes),
             mib(d.computed_peak_bytes),
             d.computed_byte_seconds / (1u64 << 20) as f64,
-            mib(d.kernel_bytes),
-            d.agree,
-            d.kernel_within_bound
         );
         let _ = writeln!(
             s,
@@ -99,6 +109,16 @@ impl StatsSnapshot {
             self.vcpu_pauses,
             self.punch_failures,
             self.unrecovered_failures
+        );
+        let f = &self.fence;
+        let _ = writeln!(
+            s,
+            "  dma fence: pins {} (busy {}), conversions that waited for device accesses {} (busy {}, longest {} us)",
+            f.pins,
+            f.pins_busy,
+            f.conversion_waits,
+            f.conversions_busy,
+            f.wait_max_ns / 1000
         );
         let l = &self.latency;
         let _ = writeln!(

@@ -31,7 +31,21 @@ pub enum VmEnd {
     AllHalted,
     /// The host asked the VM to stop.
     Stopped,
-    /// KVM_RUN failed.
+    /// A stop signal (SIGINT, SIGTERM, SIGHUP) stopped the VM as `vmm ctl shutdown` would.
+    Signal {
+        /// Its name, e.g. `SIGTERM`.
+        signal: String,
+        /// Its number; `vmm run` exits with 128 + it.
+        number: i32,
+    },
+    /// A device's host thread failed (a panic, caught): the VM cannot go on.
+    DeviceFailed {
+        /// The device, e.g. `virtio-blk`.
+        device: String,
+        /// What happened.
+        error: String,
+    },
+    /// KVM_RUN failed, or the vCPU's host thread panicked (caught).
     HostError {
         /// The vCPU whose KVM_RUN failed.
         cpu: u32,

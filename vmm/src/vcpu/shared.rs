@@ -15,7 +15,7 @@ use super::end::{EndRendezvous, VmEnd};
 use super::telemetry::{ExitCounts, PoolSample, Telemetry};
 use crate::devices::bus::{Bus, BusDevice, BusError, DeviceKind, Space};
 use crate::devices::doorbell::Doorbell;
-use crate::devices::Devices;
+use crate::devices::{BlkStats, Devices};
 use crate::serial::{Console, SERIAL_PORTS};
 use crate::wait::HaltWaker;
 
@@ -35,6 +35,8 @@ pub struct VmShared {
     pub(super) telemetry: Telemetry,
     /// Where vCPUs waiting in a `hlt` block, and what wakes them.
     pub(super) waker: Arc<HaltWaker>,
+    /// The MMIO devices (for their statistics), once attached.
+    devices: Option<Arc<Devices>>,
 }
 
 fn insert_fixed(bus: &mut Bus, base: u16, len: u16, kind: DeviceKind, dev: Arc<dyn BusDevice>) {
@@ -77,6 +79,7 @@ impl VmShared {
             ending: EndRendezvous::default(),
             telemetry: Telemetry::new(cpus),
             waker: Arc::new(HaltWaker::default()),
+            devices: None,
         }
     }
 
@@ -86,7 +89,13 @@ impl VmShared {
             // The MMIO window holds one device per DEVICE_WINDOW by construction.
             tracing::error!("{e}");
         }
+        self.devices = Some(devices);
         self
+    }
+
+    /// The block device's counters now, when the VM has one.
+    pub fn disk_stats(&self) -> Option<BlkStats> {
+        self.devices.as_ref()?.block().map(|b| b.stats())
     }
 
     /// The same, with one more device on the bus (tests attach probes this way).

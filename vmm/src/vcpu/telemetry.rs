@@ -33,6 +33,9 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// Kicks (EINTR) and KVM_EXIT_INTR.
     pub interrupted: u64,
+    /// Doorbells refused because their value was not the writing vCPU's index (part of
+    /// doorbell).
+    pub doorbell_mismatch: u64,
     /// Anything else.
     pub other: u64,
 }
@@ -130,7 +133,7 @@ impl Telemetry {
         let mut ports = self.unknown_ports.lock().unwrap_or_else(|p| p.into_inner());
         let n = ports.entry(port).or_insert(0);
         if *n == 0 {
-            tracing::warn!("guest accessed port {port:#x}, which no device owns");
+            memconv::guest_warn!("guest accessed port {port:#x}, which no device owns");
         }
         *n += 1;
     }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::devices::BlkStats;
 use crate::vcpu::{ExitCounts, VmShared};
 
 /// Longest a `stats` snapshot is reused (see `Snapshot::reuse_for`).
@@ -17,6 +18,8 @@ pub(super) struct Snapshot {
     pub(super) exits: Vec<ExitCounts>,
     pub(super) vcpu_pauses: u64,
     pub(super) memconv: memconv::StatsSnapshot,
+    /// The block device's counters, when the VM has one.
+    pub(super) disk: Option<BlkStats>,
 }
 
 impl Snapshot {
@@ -33,6 +36,7 @@ impl Snapshot {
             exits,
             vcpu_pauses: shared.control.pause_count(),
             memconv,
+            disk: shared.disk_stats(),
         }
     }
 

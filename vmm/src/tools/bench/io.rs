@@ -1,6 +1,8 @@
 //! `vmm bench io`: the DMA device per pool policy: 4 KiB random-read IOPS, 64 KiB bandwidth
-//! next to memcpy, pool footprint, conversions and double allocation; medians over repeats,
-//! and the same figures beside busy threads (`--load N`) with loaded/quiet ratios.
+//! next to memcpy, pool footprint, conversions and double allocation (medians over repeats,
+//! and the same figures beside busy threads, `--load N`, with loaded/quiet ratios); then the
+//! disk's data path (preadv/pwritev) against the old mapped path at 64 KiB, side by side in
+//! one run.
 
 use std::fmt::Write as _;
 
@@ -9,6 +11,7 @@ use memconv::StoreKind;
 use super::common::{io_field, spread, BenchError, Capture};
 use super::load::{cores, oversubscribed, BusyLoad};
 use crate::config::VmConfig;
+use crate::devices::DiskIo;
 use crate::run::{self, RunError, RunSummary};
 use crate::serial::Console;
 
@@ -21,11 +24,27 @@ const IO_POLICIES: [(&str, &str); 5] = [
     ("aligned-2m", "pool=16M"),
 ];
 
+/// What `vmm bench io` measures.
+#[derive(Clone, Debug)]
+pub struct IoBenchOptions {
+    /// Seconds per measurement.
+    pub secs: u64,
+    /// Runs of each data path in the side-by-side comparison.
+    pub repeats: u32,
+    /// Only the data-path comparison.
+    pub data_path_only: bool,
+    /// Busy threads beside the VM for the loaded per-policy figures (0: quiet figures only).
+    pub load: usize,
+    /// Measurements per per-policy figure (median and spread).
+    pub repeat: usize,
+}
+
 fn io_run(
     policy_opts: &str,
     workload: &str,
     store: StoreKind,
     disk: &std::path::Path,
+    data_path: DiskIo,
 ) -> Result<(RunSummary, String), BenchError> {
     let cfg = VmConfig {
         cmdline: format!("{policy_opts} {workload}"),
@@ -35,6 +54,7 @@ fn io_run(
             path: disk.to_path_buf(),
             create_size: Some(256 << 20),
             idle_us: crate::devices::virtio_blk::DEFAULT_IDLE_US,
+            io: data_path,
         }),
         ..VmConfig::fixture("io", 512 << 20)
     };
@@ -51,15 +71,29 @@ fn io_run(
     Ok((s, capture.text()))
 }
 
-/// What `vmm bench io` runs.
-#[derive(Clone, Copy, Debug)]
-pub struct IoBenchOptions {
-    /// Seconds per measurement.
-    pub secs: u64,
-    /// Busy threads beside the VM for the loaded figures (0: quiet figures only).
-    pub load: usize,
-    /// Measurements per figure (median and spread).
-    pub repeat: usize,
+/// `vmm bench io`: per policy, 4 KiB random reads at queue depth 32 (IOPS, memfd/memfd) and
+/// 64 KiB reads (bandwidth next to a plain memcpy of the same sizes in the same guest,
+/// hugetlb/hugetlb), with the pool's footprint and conversions and memconv's double
+/// allocation, medians of `repeat` measurements with their spread; with `load` busy threads
+/// the same figures beside them in the same run, and loaded/quiet ratios. `secs` seconds per
+/// measurement. Then [`data_path`].
+pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
+    let secs = opts.secs;
+    let dir = std::env::temp_dir().join(format!("vmm-bench-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        BenchError::Run(RunError::Disk(crate::devices::DiskError::Open {
+            path: dir.clone(),
+            source: e,
+        }))
+    })?;
+    let disk = dir.join("bench.img");
+    let mut out = String::new();
+    if !opts.data_path_only {
+        policies(opts, &disk, &mut out)?;
+    }
+    data_path(secs, opts.repeats.max(1), &disk, &mut out)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
 }
 
 /// One quiet or loaded measurement of one policy.
@@ -74,9 +108,9 @@ struct Sample {
 
 fn sample(popts: &str, secs: u64, disk: &std::path::Path) -> Result<Sample, BenchError> {
     let w4k = format!("rw=read sizes=4k qd=32 verify=0 region=128M seconds={secs}");
-    let (_s4, o4) = io_run(popts, &w4k, StoreKind::Memfd, disk)?;
+    let (_s4, o4) = io_run(popts, &w4k, StoreKind::Memfd, disk, DiskIo::Vectored)?;
     let w64 = format!("rw=read sizes=64k qd=32 verify=0 region=128M memcpy=1 seconds={secs}");
-    let (s64, o64) = io_run(popts, &w64, StoreKind::Hugetlb, disk)?;
+    let (s64, o64) = io_run(popts, &w64, StoreKind::Hugetlb, disk, DiskIo::Vectored)?;
     Ok(Sample {
         iops: io_field(&o4, "iops"),
         mbps: io_field(&o64, "MBps"),
@@ -101,34 +135,24 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// `vmm bench io`: per policy, 4 KiB random reads at queue depth 32 (IOPS, memfd/memfd) and
-/// 64 KiB reads (bandwidth next to a plain memcpy of the same sizes in the same guest,
-/// hugetlb/hugetlb), with the pool's footprint and conversions and memconv's double
-/// allocation; medians of `repeat` measurements with their spread; with `load` busy threads,
-/// the same figures measured beside them in the same run, and loaded/quiet ratios.
-pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
-    let IoBenchOptions { secs, load, repeat } = *opts;
-    let repeat = repeat.max(1);
-    let dir = std::env::temp_dir().join(format!("vmm-bench-io-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        BenchError::Run(RunError::Disk(crate::devices::DiskError::Open {
-            path: dir.clone(),
-            source: e,
-        }))
-    })?;
-    let disk = dir.join("bench.img");
-    let mut out = String::new();
+/// The per-policy table (and its loaded twin).
+fn policies(
+    opts: &IoBenchOptions,
+    disk: &std::path::Path,
+    out: &mut String,
+) -> Result<(), BenchError> {
+    let (secs, load, repeat) = (opts.secs, opts.load, opts.repeat.max(1));
     let _ = writeln!(
-        out,
+        *out,
         "io: 1 vCPU, 512 MiB, 256 MiB disk, {secs} s per figure, median of {repeat}; 4k = random reads qd=32 (memfd/memfd), \
          64k = reads qd=32 (hugetlb/hugetlb) vs memcpy of 64 KiB in the same guest from a \
          128 MiB source (the disk region's size) into the request buffers"
     );
     if let Some(w) = oversubscribed(load, 2) {
-        let _ = writeln!(out, "{w}");
+        let _ = writeln!(*out, "{w}");
     }
     let _ = writeln!(
-        out,
+        *out,
         "  {:<10} {:>9} {:>9} {:>11} {:>6} {:>9} {:>11} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6}",
         "policy",
         "4k IOPS",
@@ -154,11 +178,11 @@ pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
         let mut quiet = Vec::with_capacity(repeat);
         let mut loaded = Vec::with_capacity(repeat);
         for _ in 0..repeat {
-            quiet.push(sample(&popts, secs, &disk)?);
+            quiet.push(sample(&popts, secs, disk)?);
             if load > 0 {
                 let busy = BusyLoad::start(load);
                 started = started.min(busy.threads());
-                let r = sample(&popts, secs, &disk);
+                let r = sample(&popts, secs, disk);
                 drop(busy);
                 loaded.push(r?);
             }
@@ -173,7 +197,7 @@ pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
         let p = s64.memconv.pool_report.as_ref();
         let pf = |f: fn(&memconv::stats::PoolReportSnapshot) -> u64| p.map_or(0, f);
         let _ = writeln!(
-            out,
+            *out,
             "  {:<10} {:>9.0} {:>9.0} {:>11.0} {:>6.2} {:>9.0} {:>9.1}Mi {:>10} {:>8} {:>6} {:>6} {:>6} {:>7.1}Mi {:>6.0}% {:>6.0}% {:>6.0}",
             policy,
             iops,
@@ -215,12 +239,12 @@ pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
     }
     if load > 0 {
         let _ = writeln!(
-            out,
+            *out,
             "loaded: the same with {started} busy threads beside the VM ({} cores), in the same run; ratio = loaded / quiet",
             cores()
         );
         let _ = writeln!(
-            out,
+            *out,
             "  {:<10} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7} {:>11} {:>6} {:>7}",
             "policy",
             "4k quiet",
@@ -236,9 +260,74 @@ pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
             "halts"
         );
         for r in loaded_rows {
-            let _ = writeln!(out, "{r}");
+            let _ = writeln!(*out, "{r}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(out)
+    Ok(())
+}
+
+/// The disk's data path (preadv/pwritev) next to the old mapped path (mmap + memcpy), at
+/// 64 KiB, reads then writes: `repeats` runs of each, interleaved (A B B A A B ...) so that
+/// a drift of the machine's load hits both alike; the medians and their ratio.
+fn data_path(
+    secs: u64,
+    repeats: u32,
+    disk: &std::path::Path,
+    out: &mut String,
+) -> Result<(), BenchError> {
+    let _ = writeln!(
+        out,
+        "disk data path, 64 KiB, qd=32, legacy pool=64M, hugetlb/hugetlb, {secs} s per run, \
+         {repeats} runs each interleaved A/B: vectored = preadv/pwritev (what vmm run uses), \
+         mapped = the old mmap + memcpy path (SIGBUS on a full filesystem or truncated image)"
+    );
+    let _ = writeln!(
+        out,
+        "  {:<6} {:>15} {:>13} {:>6}   runs (vectored | mapped), MB/s",
+        "op", "vectored MB/s", "mapped MB/s", "ratio"
+    );
+    for (op, rw) in [("read", "read"), ("write", "write")] {
+        let work = format!("rw={rw} sizes=64k qd=32 verify=0 region=128M seconds={secs}");
+        let (mut vectored, mut mapped) = (Vec::new(), Vec::new());
+        for i in 0..repeats {
+            let order = if i % 2 == 0 {
+                [DiskIo::Vectored, DiskIo::Mapped]
+            } else {
+                [DiskIo::Mapped, DiskIo::Vectored]
+            };
+            for path in order {
+                let (_s, o) = io_run(
+                    "policy=legacy pool=64M",
+                    &work,
+                    StoreKind::Hugetlb,
+                    disk,
+                    path,
+                )?;
+                let mbps = io_field(&o, "MBps");
+                match path {
+                    DiskIo::Vectored => vectored.push(mbps),
+                    DiskIo::Mapped => mapped.push(mbps),
+                }
+            }
+        }
+        let runs = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let list = format!("{} | {}", runs(&vectored), runs(&mapped));
+        let (_, v_med, _) = spread(vectored);
+        let (_, m_med, _) = spread(mapped);
+        let _ = writeln!(
+            out,
+            "  {:<6} {:>15.0} {:>13.0} {:>6.2}   {list}",
+            op,
+            v_med,
+            m_med,
+            if m_med > 0.0 { v_med / m_med } else { 0.0 },
+        );
+    }
+    let _ = writeln!(out, "  target: vectored >= 0.9x mapped (medians)");
+    Ok(())
 }

@@ -113,10 +113,10 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     let d = &m.double_alloc;
     let _ = writeln!(
         o,
-        "double allocation: computed {:.1} MiB (peak {:.1}), kernel {:.1} MiB; mixed chunks {} (peak {}), memslots {}",
+        "double allocation: kernel-measured {:.1} MiB, engine bound {:.1} MiB (peak {:.1}); mixed chunks {} (peak {}), memslots {}",
+        mib(d.kernel_bytes),
         mib(d.computed_bytes),
         mib(d.computed_peak_bytes),
-        mib(d.kernel_bytes),
         m.mixed_chunks,
         m.mixed_chunks_peak,
         m.memslots
@@ -177,6 +177,20 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
             let _ = writeln!(o, "guest pool: no report yet");
         }
     }
+    if let Some(d) = &s.disk {
+        let _ = writeln!(
+            o,
+            "disk {}: requests {} (reads {}, writes {}), errors {} (io errors {}), violations {}, device faults {}",
+            d.path,
+            d.requests,
+            d.reads,
+            d.writes,
+            d.errors,
+            d.io_errors,
+            d.violations,
+            d.device_faults
+        );
+    }
     o
 }
 
@@ -208,5 +222,15 @@ mod tests {
         let t = render_table(&later, Some(&s));
         assert!(t.contains("1000"), "{t}");
         assert!(t.contains("exits/s 40"), "{t}");
+        assert!(!t.contains("disk "), "no disk line without a disk: {t}");
+        later.disk = Some(crate::devices::BlkStats {
+            path: "d.img".into(),
+            errors: 2,
+            io_errors: 2,
+            ..Default::default()
+        });
+        let t = render_table(&later, None);
+        assert!(t.contains("disk d.img: requests 0"), "{t}");
+        assert!(t.contains("errors 2 (io errors 2)"), "{t}");
     }
 }
