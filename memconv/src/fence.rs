@@ -4,30 +4,31 @@
 //! # Protocol
 //!
 //! State, all atomics owned by one [`Fence`]:
-//! - per 2 MiB chunk a word: a pin count (bits 0..30), a CONVERTING bit (bit 31) and an
-//!   UNBACKED bit (bit 30: the shared store is hugetlb and has no 2 MiB page allocated for the
-//!   chunk, so a device access there would fault);
+//! - per 4 KiB page (the pin unit, [`UNIT`]) a word: a pin count (bits 0..29), a CONVERTING
+//!   bit (bit 31) and an UNBACKED bit (bit 30: the shared store is hugetlb and has no 2 MiB
+//!   page allocated for the page's chunk, so a device access there would fault); 4 bytes per
+//!   page of RAM (0.1%);
 //! - a "shared" bitmap, one bit per 4 KiB page (1 = shared), a copy of the engine's canonical
-//!   attributes that the engine updates while it holds CONVERTING on the pages' chunks (so
-//!   does it UNBACKED).
+//!   attributes that the engine updates while it holds CONVERTING on the pages (and UNBACKED
+//!   for the chunks whose shared-store page it allocates or punches).
 //!
 //! Device side ([`Fence::pin`], reached through `ConversionService::pin_shared`): for every
-//! chunk a request touches (each chunk once), one compare-and-swap raises the pin count if
-//! CONVERTING is clear; a chunk found CONVERTING makes the pin give back what it took and
+//! unit a request touches (each unit once), one compare-and-swap raises the pin count if
+//! CONVERTING is clear; a unit found CONVERTING makes the pin give back what it took and
 //! fail with [`FenceError::Busy`] at once (the device requeues the request and retries: it
-//! never waits for a vCPU while it holds a pin). With every chunk pinned, the shared bits of
+//! never waits for a vCPU while it holds a pin). With every unit pinned, the shared bits of
 //! every range are checked; any private page fails the pin ([`FenceError::NotShared`]), and
-//! so does an UNBACKED chunk ([`FenceError::NotBacked`]: the device fails that request with an
+//! so does an UNBACKED unit ([`FenceError::NotBacked`]: the device fails that request with an
 //! I/O error instead of faulting; the engine never leaves a chunk with shared pages unbacked,
 //! so this is the last line of defence, counted).
 //! The returned [`DmaPin`] unpins on drop; the device moves the data while it holds it. One
 //! pass, no lock: this is the one check per request on the fast path.
 //!
 //! Conversion side ([`Fence::begin_conversion`], called by the engine under its lock, so at
-//! most one conversion runs at a time): set CONVERTING on every chunk of the range (no new
+//! most one conversion runs at a time): set CONVERTING on every unit of the range (no new
 //! pin succeeds on them from here), then wait for their pin counts to reach zero, yielding,
 //! for at most the fence's bound; past it, clear the bits and return `Busy` (the guest gets
-//! `ERR_BUSY` and retries). With the counts at zero no device access touches the chunks;
+//! `ERR_BUSY` and retries). With the counts at zero no device access touches the pages;
 //! the engine converts, updates the shared bits ([`Fence::set_shared`]) and drops the
 //! [`Converting`] guard, which clears CONVERTING. A pin's compare-and-swap and the
 //! converter's fetch-or act on the same word, so one of them sees the other: either the pin
@@ -38,8 +39,10 @@
 //! No deadlock with the pause-all around memslot edits: the converter waits only for pins,
 //! with a bound; a pin holder never waits for a vCPU or for the engine lock.
 //!
-//! Granularity: pins are per chunk, so a conversion of one 4 KiB page waits for device
-//! accesses anywhere in its 2 MiB chunk (correct, sometimes conservative).
+//! Granularity: pins are per 4 KiB page, so a conversion waits only for device accesses to
+//! its own pages (per 2 MiB chunk, a pool's 4 KiB conversions waited for unrelated DMA in the
+//! same chunk: the `dynamic` policy's transient buffers showed it). A 4 MiB request pins 1024
+//! words, ~1% of its copy.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -49,6 +52,10 @@ use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
 const CONVERTING: u32 = 1 << 31;
 const UNBACKED: u32 = 1 << 30;
 const COUNT_MASK: u32 = UNBACKED - 1;
+
+/// Bytes per pin unit: one word per 4 KiB page.
+pub const UNIT: u64 = PAGE_SIZE;
+const UNITS_PER_CHUNK: u64 = HUGE_PAGE_SIZE / UNIT;
 
 /// Default bound of a conversion's wait for device accesses to drain.
 pub const DEFAULT_WAIT_BOUND: Duration = Duration::from_millis(100);
@@ -73,10 +80,10 @@ pub enum FenceError {
     /// The shared store has no page allocated under `gpa` (hugetlb): an access would fault.
     #[error("no shared-store page is allocated at {gpa:#x}")]
     NotBacked {
-        /// Start of the unbacked chunk (or of the range, if later).
+        /// First unbacked byte of the range.
         gpa: u64,
     },
-    /// A conversion holds a chunk (device side), or device accesses did not drain within the
+    /// A conversion holds a page (device side), or device accesses did not drain within the
     /// bound (conversion side): try again.
     #[error("busy: a conversion and a device access overlap; retry")]
     Busy,
@@ -99,7 +106,7 @@ struct FenceCounters {
 pub struct FenceStats {
     /// Successful pins (device requests and ring rounds).
     pub pins: u64,
-    /// Pins refused because a conversion held a chunk (the device retried).
+    /// Pins refused because a conversion held a page (the device retried).
     pub pins_busy: u64,
     /// Pins refused because a chunk had no shared-store page (never expected; an I/O error).
     pub pins_unbacked: u64,
@@ -114,16 +121,16 @@ pub struct FenceStats {
 /// The fence over a guest RAM of `size` bytes.
 pub struct Fence {
     size: u64,
-    chunks: Box<[AtomicU32]>,
+    units: Box<[AtomicU32]>,
     shared: Box<[AtomicU64]>,
     bound: Duration,
     counters: FenceCounters,
 }
 
-/// Chunk spans `[c0, c1)` a pin holds, merged (each chunk at most once).
+/// Unit spans `[u0, u1)` a pin holds, merged (each unit at most once).
 type Spans = Vec<(u64, u64)>;
 
-/// A device's pin on shared pages: while it lives no conversion of their chunks runs.
+/// A device's pin on shared pages: while it lives no conversion of them runs.
 #[must_use = "the pages are pinned only while the DmaPin lives"]
 pub struct DmaPin<'a> {
     fence: &'a Fence,
@@ -134,14 +141,14 @@ impl Drop for DmaPin<'_> {
     fn drop(&mut self) {
         for &(c0, c1) in &self.spans {
             for c in c0..c1 {
-                self.fence.chunks[c as usize].fetch_sub(1, Ordering::Release);
+                self.fence.units[c as usize].fetch_sub(1, Ordering::Release);
             }
         }
     }
 }
 
-/// A running conversion's hold on its chunks: CONVERTING is cleared on drop.
-#[must_use = "the chunks are held only while the guard lives"]
+/// A running conversion's hold on its pages: CONVERTING is cleared on drop.
+#[must_use = "the pages are held only while the guard lives"]
 pub struct Converting<'a> {
     fence: &'a Fence,
     c0: u64,
@@ -157,19 +164,19 @@ impl Drop for Converting<'_> {
 impl Fence {
     /// A fence over `size` bytes of RAM, every page private, waiting at most `bound`.
     pub fn new(size: u64, bound: Duration) -> Fence {
-        let nchunks = size.div_ceil(HUGE_PAGE_SIZE) as usize;
+        let nunits = size.div_ceil(UNIT) as usize;
         let words = (size / PAGE_SIZE).div_ceil(64) as usize;
         Fence {
             size,
-            chunks: (0..nchunks).map(|_| AtomicU32::new(0)).collect(),
+            units: (0..nunits).map(|_| AtomicU32::new(0)).collect(),
             shared: (0..words).map(|_| AtomicU64::new(0)).collect(),
             bound,
             counters: FenceCounters::default(),
         }
     }
 
-    /// Set pages `[p0, p1)` shared (`true`) or private. Callers: the engine, with the pages'
-    /// chunks held by [`Fence::begin_conversion`] or before any device runs.
+    /// Set pages `[p0, p1)` shared (`true`) or private. Callers: the engine, with the pages
+    /// held by [`Fence::begin_conversion`] or before any device runs.
     pub fn set_shared(&self, p0: u64, p1: u64, shared: bool) {
         let p1 = p1.min(self.size / PAGE_SIZE);
         let mut p = p0;
@@ -232,14 +239,14 @@ impl Fence {
         }
     }
 
-    /// Pin every chunk the ranges `(gpa, len)` touch and check every range shared; the pin
+    /// Pin every unit the ranges `(gpa, len)` touch and check every range shared; the pin
     /// lasts as long as the returned guard. Zero-length ranges are only bounds-checked.
     pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<DmaPin<'_>, FenceError> {
         let mut spans: Spans = Vec::with_capacity(ranges.len());
         for &(gpa, len) in ranges {
             self.pages(gpa, len)?;
             if len > 0 {
-                spans.push((gpa / HUGE_PAGE_SIZE, (gpa + len).div_ceil(HUGE_PAGE_SIZE)));
+                spans.push((gpa / UNIT, (gpa + len).div_ceil(UNIT)));
             }
         }
         spans.sort_unstable();
@@ -256,7 +263,7 @@ impl Fence {
         };
         for &(c0, c1) in &merged {
             for c in c0..c1 {
-                if !self.pin_chunk(c) {
+                if !self.pin_unit(c) {
                     // Give back what this pin holds: the finished spans and [c0, c).
                     pin.spans.push((c0, c));
                     self.counters.pins_busy.fetch_add(1, Ordering::Relaxed);
@@ -275,13 +282,13 @@ impl Fence {
                     gpa: (p * PAGE_SIZE).max(gpa),
                 });
             }
-            let (c0, c1) = (gpa / HUGE_PAGE_SIZE, (gpa + len).div_ceil(HUGE_PAGE_SIZE));
-            if let Some(c) =
-                (c0..c1).find(|&c| self.chunks[c as usize].load(Ordering::Acquire) & UNBACKED != 0)
+            let (u0, u1) = (gpa / UNIT, (gpa + len).div_ceil(UNIT));
+            if let Some(u) =
+                (u0..u1).find(|&u| self.units[u as usize].load(Ordering::Acquire) & UNBACKED != 0)
             {
                 self.counters.pins_unbacked.fetch_add(1, Ordering::Relaxed);
                 return Err(FenceError::NotBacked {
-                    gpa: (c * HUGE_PAGE_SIZE).max(gpa),
+                    gpa: (u * UNIT).max(gpa),
                 });
             }
         }
@@ -289,9 +296,9 @@ impl Fence {
         Ok(pin)
     }
 
-    /// Raise chunk `c`'s pin count unless a conversion holds it.
-    fn pin_chunk(&self, c: u64) -> bool {
-        let word = &self.chunks[c as usize];
+    /// Raise unit `c`'s pin count unless a conversion holds it.
+    fn pin_unit(&self, c: u64) -> bool {
+        let word = &self.units[c as usize];
         let mut v = word.load(Ordering::Acquire);
         loop {
             if v & CONVERTING != 0 || v & COUNT_MASK == COUNT_MASK {
@@ -304,16 +311,15 @@ impl Fence {
         }
     }
 
-    /// Hold the chunks of pages `[p0, p1)` for a conversion: no new pin succeeds on them, and
+    /// Hold pages `[p0, p1)` for a conversion: no new pin succeeds on them, and
     /// this returns once the pins already taken are gone (or `Busy` after the bound, holding
     /// nothing). One conversion at a time (the engine's lock).
     pub fn begin_conversion(&self, p0: u64, p1: u64) -> Result<Converting<'_>, FenceError> {
-        let pages_per_chunk = HUGE_PAGE_SIZE / PAGE_SIZE;
-        let c0 = p0 / pages_per_chunk;
-        let c1 = p1.div_ceil(pages_per_chunk).min(self.chunks.len() as u64);
+        let c0 = p0 * PAGE_SIZE / UNIT;
+        let c1 = (p1 * PAGE_SIZE).div_ceil(UNIT).min(self.units.len() as u64);
         let mut pinned = false;
         for c in c0..c1 {
-            let v = self.chunks[c as usize].fetch_or(CONVERTING, Ordering::AcqRel);
+            let v = self.units[c as usize].fetch_or(CONVERTING, Ordering::AcqRel);
             pinned |= v & COUNT_MASK != 0;
         }
         let guard = Converting {
@@ -331,8 +337,7 @@ impl Fence {
         let mut spins = 0u32;
         let mut next = c0;
         loop {
-            while next < c1 && self.chunks[next as usize].load(Ordering::Acquire) & COUNT_MASK == 0
-            {
+            while next < c1 && self.units[next as usize].load(Ordering::Acquire) & COUNT_MASK == 0 {
                 next += 1;
             }
             let waited = t0.elapsed();
@@ -357,10 +362,12 @@ impl Fence {
         }
     }
 
-    /// Mark chunk `c` backed in the shared store or not. Callers: the engine, holding the chunk
-    /// with [`Fence::begin_conversion`] or before any device runs.
+    /// Mark 2 MiB chunk `c` backed in the shared store or not. Callers: the engine, holding
+    /// the chunk's pages with [`Fence::begin_conversion`] or before any device runs.
     pub fn set_backed(&self, c: u64, backed: bool) {
-        if let Some(w) = self.chunks.get(c as usize) {
+        let u0 = c * UNITS_PER_CHUNK;
+        for u in u0..(u0 + UNITS_PER_CHUNK).min(self.units.len() as u64) {
+            let w = &self.units[u as usize];
             if backed {
                 w.fetch_and(!UNBACKED, Ordering::Release);
             } else {
@@ -371,7 +378,7 @@ impl Fence {
 
     fn clear_converting(&self, c0: u64, c1: u64) {
         for c in c0..c1 {
-            self.chunks[c as usize].fetch_and(!CONVERTING, Ordering::Release);
+            self.units[c as usize].fetch_and(!CONVERTING, Ordering::Release);
         }
     }
 
@@ -443,9 +450,7 @@ mod tests {
         f.set_shared(MB2 / PAGE_SIZE, MB2 / PAGE_SIZE + 1, false);
         let r = f.pin(&[(0, 16), (MB2, 4096)]);
         assert_eq!(r.err(), Some(FenceError::NotShared { gpa: MB2 }));
-        for c in 0..8 {
-            assert_eq!(f.chunks[c].load(Ordering::SeqCst), 0);
-        }
+        assert!(f.units.iter().all(|u| u.load(Ordering::SeqCst) == 0));
     }
 
     #[test]
@@ -457,7 +462,7 @@ mod tests {
             Some(FenceError::NotBacked { gpa: 2 * MB2 + 100 })
         );
         assert!(f
-            .chunks
+            .units
             .iter()
             .all(|c| c.load(Ordering::SeqCst) & COUNT_MASK == 0));
         f.set_backed(2, true);
@@ -466,16 +471,24 @@ mod tests {
     }
 
     #[test]
-    fn pins_merge_chunks_and_unpin_on_drop() {
+    fn pins_merge_units_and_unpin_on_drop() {
         let f = fence();
+        let count = |u: u64| f.units[u as usize].load(Ordering::SeqCst);
         {
             let _p = f
                 .pin(&[(0, 16), (100, 1), (MB2 - 8, 16), (5 * MB2, 3 * MB2)])
                 .expect("pin");
-            let counts: Vec<u32> = f.chunks.iter().map(|c| c.load(Ordering::SeqCst)).collect();
-            assert_eq!(counts, [1, 1, 0, 0, 0, 1, 1, 1]);
+            let u = |gpa: u64| gpa / UNIT;
+            assert_eq!((count(0), count(1)), (1, 0), "one pin per unit");
+            assert_eq!(
+                (count(u(MB2) - 1), count(u(MB2)), count(u(MB2) + 1)),
+                (1, 1, 0)
+            );
+            assert_eq!((count(u(5 * MB2)), count(u(8 * MB2) - 1)), (1, 1));
+            let total: u64 = (0..f.units.len() as u64).map(|u| u64::from(count(u))).sum();
+            assert_eq!(total, 1 + 2 + 3 * MB2 / UNIT);
         }
-        assert!(f.chunks.iter().all(|c| c.load(Ordering::SeqCst) == 0));
+        assert!(f.units.iter().all(|c| c.load(Ordering::SeqCst) == 0));
         assert_eq!(f.stats().pins, 1);
     }
 
@@ -501,8 +514,9 @@ mod tests {
                 released.load(Ordering::SeqCst),
                 "returned before the pin dropped"
             );
-            // While converting: no new pin on that chunk, other chunks fine.
-            assert_eq!(f.pin(&[(MB2 + 8192, 1)]).err(), Some(FenceError::Busy));
+            // While converting: no new pin on that page, other pages fine.
+            assert_eq!(f.pin(&[(MB2 + 100, 1)]).err(), Some(FenceError::Busy));
+            assert!(f.pin(&[(MB2 + 8192, 1)]).is_ok());
             assert!(f.pin(&[(0, 1)]).is_ok());
             f.set_shared(MB2 / PAGE_SIZE, MB2 / PAGE_SIZE + 1, false);
             drop(g);

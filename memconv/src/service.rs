@@ -14,6 +14,7 @@ use crate::engine::{Engine, EngineError};
 use crate::fence::{DmaPin, Fence, FenceError, FenceStats, DEFAULT_WAIT_BOUND};
 use crate::host_vm::HostVm;
 use crate::layout::{LayoutError, View};
+use crate::log_limit::LogLimiter;
 use crate::mailbox::{self, Request, Snapshot};
 use crate::measure;
 use crate::ram::RamConfig;
@@ -293,12 +294,30 @@ impl ConversionService {
             Request::Convert { cur, end } | Request::Accept { cur, end } => {
                 let convert = matches!(req, Request::Convert { .. });
                 let mut first = Ok(());
+                let mut refused = 0u32;
                 for i in cur..end {
                     let en = snap.entry(i);
                     let st = e.mailbox_entry(convert, en.gpa, en.npages, en.attrs as u64);
+                    refused += u32::from(st.is_err());
                     first = first.and(st);
                     // SAFETY: as above.
                     unsafe { mailbox::write_entry_status(ptr, i, status::to_abi(st)) };
+                }
+                if tracing::enabled!(tracing::Level::DEBUG) && cur < end {
+                    // Debug diagnostics at a readable rate, whatever the batch rate.
+                    static BATCHES: LogLimiter = LogLimiter::new(10);
+                    if BATCHES.allow() {
+                        let en = snap.entry(cur);
+                        tracing::debug!(
+                            "{} batch: vCPU {cpu} {} entries ({refused} refused), first {:#x} +{} pages attrs {:#x} ({} batches not shown so far)",
+                            if convert { "conversion" } else { "accept" },
+                            end - cur,
+                            en.gpa,
+                            en.npages,
+                            en.attrs,
+                            BATCHES.suppressed()
+                        );
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { mailbox::write_header(ptr, Some(end), status::to_abi(first)) };

@@ -12,6 +12,8 @@ pub mod config;
 pub mod devices;
 pub mod exit_codes;
 pub mod fixtures;
+pub mod guest_cmdline;
+pub mod main_job;
 pub mod panic_guard;
 pub mod pvm;
 pub mod run;

@@ -111,8 +111,9 @@ pub struct RunSummary {
     pub pool_timeline: Vec<vcpu::PoolSample>,
     /// The virtio block device's counters, when the VM had one.
     pub disk: Option<BlkStats>,
-    /// Guest-caused log lines suppressed by the rate limit (`memconv::log_limit`; process-wide,
-    /// so exactly this VM's under `vmm run`).
+    /// Guest-caused log lines suppressed by the rate limits: `memconv::log_limit` (process-wide,
+    /// so exactly this VM's under `vmm run`) plus the disk's failure log
+    /// (`disk.io_error_log_suppressed`).
     pub suppressed_log_lines: u64,
 }
 
@@ -143,13 +144,13 @@ impl RunSummary {
             if self.native { "native" } else { "emulated" },
         ));
         out.push_str(&format!(
-            "end: {end}  status: {}\ntime: setup {:.2} ms, first serial byte {}, total {:.2} ms\n",
+            "end: {end}  status: {}\ntime: setup {}, first serial byte {}, total {}\n",
             self.exit_status,
-            self.timings.setup_ms,
+            ms_text(self.timings.setup_ms),
             self.timings
                 .first_serial_byte_ms
-                .map_or("-".to_string(), |t| format!("{t:.2} ms")),
-            self.timings.total_ms,
+                .map_or("-".to_string(), ms_text),
+            ms_text(self.timings.total_ms),
         ));
         out.push_str("exits: cpu total io_out io_in serial doorbell unknown_port mmio hlt hypercall interrupted\n");
         for (cpu, e) in self.exits.iter().enumerate() {
@@ -178,13 +179,13 @@ impl RunSummary {
         out.push_str(&self.memconv.summary());
         if let Some(p) = &self.memconv.pool_report {
             out.push_str(&format!(
-                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {:.3} ms, \
+                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {}, \
                  transient maps {}, grow {} shrink {}, io requests {} errors {}\n",
                 p.policy,
                 p.conversions_4k,
                 p.conversions_2m,
                 p.conversions_other,
-                p.throttle_wait_ns as f64 / 1e6,
+                memconv::stats::units::duration(p.throttle_wait_ns),
                 p.transient_maps,
                 p.grow_events,
                 p.shrink_events,
@@ -203,7 +204,7 @@ impl RunSummary {
         }
         if self.suppressed_log_lines > 0 {
             out.push_str(&format!(
-                "log: {} guest-caused warning lines suppressed (at most {} per second are written)\n",
+                "log: {} guest-caused warning lines suppressed by rate limits (at most {} per second each)\n",
                 self.suppressed_log_lines,
                 memconv::log_limit::GUEST_LOG.per_second()
             ));
@@ -253,6 +254,28 @@ pub struct RunOptions {
     pub api_socket: Option<std::path::PathBuf>,
     /// Stop signals end this VM (`vmm run`: [`SignalStop::install`] before anything else).
     pub signals: Option<Arc<SignalStop>>,
+    /// Told when the vCPUs start and when the VM has ended (e.g. the `--metrics-addr` HTTP
+    /// server, which lives in the tools and reads the running VM's statistics).
+    pub observer: Option<Box<dyn LiveObserver>>,
+}
+
+/// A running VM, as an observer sees it: what the control socket's `stats` reads.
+#[derive(Clone)]
+pub struct LiveVm {
+    /// What the vCPU threads share (memconv, exit counts, vCPU control).
+    pub shared: Arc<VmShared>,
+    /// When the VM was created.
+    pub created: Instant,
+    /// vCPUs.
+    pub cpus: u32,
+}
+
+/// Something that runs beside a VM from its start to its end.
+pub trait LiveObserver: Send {
+    /// The vCPUs have started.
+    fn started(&mut self, vm: LiveVm);
+    /// The VM has ended (every vCPU thread has returned); stop using it.
+    fn ended(&mut self);
 }
 
 /// Like `run_vm`, with [`RunOptions`].
@@ -261,6 +284,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         console,
         api_socket,
         signals,
+        mut observer,
     } = opts;
     cfg.validate()?;
     let image = fixtures::load(&cfg.guest)?;
@@ -407,6 +431,13 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             })?;
         threads.push(handle);
     }
+    if let Some(o) = observer.as_mut() {
+        o.started(LiveVm {
+            shared: Arc::clone(&shared),
+            created,
+            cpus: cfg.cpus,
+        });
+    }
 
     let end = match api_socket {
         // The control socket's event loop runs on this thread until the VM ends.
@@ -434,6 +465,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         stop.detach();
     }
     let total_ms = ms(created.elapsed());
+    if let Some(o) = observer.as_mut() {
+        o.ended();
+    }
     shared.console.flush();
     if let Some(blk) = devices.block() {
         blk.stop();
@@ -444,6 +478,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         }
     }
 
+    let disk = devices.block().map(|b| b.stats());
     let summary = RunSummary {
         config: cfg.clone(),
         host: match host_kind {
@@ -465,12 +500,24 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         unknown_ports: shared.unknown_ports(),
         vcpu_pauses: control.pause_count(),
         serial_bytes: shared.console.bytes_written(),
-        memconv: memconv.stats(),
+        memconv: {
+            // One pause counter everywhere: the vCPU control's, which counts memconv's
+            // memslot-edit pauses and control-socket pauses alike.
+            let mut stats = memconv.stats();
+            stats.vcpu_pauses = control.pause_count();
+            stats
+        },
         pool_timeline: shared.pool_timeline(),
-        disk: devices.block().map(|b| b.stats()),
-        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed(),
+        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed()
+            + disk.as_ref().map_or(0, |d| d.io_error_log_suppressed),
+        disk,
     };
     Ok(RunOutcome { summary })
+}
+
+/// Milliseconds in the one unit convention of the readable views (`39.1 ms`, `5.2 s`).
+fn ms_text(ms: f64) -> String {
+    memconv::stats::units::duration((ms * 1e6) as u64)
 }
 
 fn ms(d: Duration) -> f64 {

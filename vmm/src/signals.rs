@@ -61,6 +61,9 @@ struct State {
     received: u32,
     /// The first signal, kept until a VM is attached.
     pending: Option<libc::c_int>,
+    /// Files this process created and removes when a second signal ends it at once (the
+    /// main job's temporary disk image).
+    temp_files: Vec<PathBuf>,
 }
 
 /// The stop requested by signals, shared by the signal thread and the run.
@@ -137,6 +140,9 @@ impl SignalStop {
             if let Some((path, identity)) = &st.socket {
                 remove_if_ours(path, *identity);
             }
+            for path in &st.temp_files {
+                let _ = std::fs::remove_file(path);
+            }
             let msg = format!(
                 "vmm: second signal ({}) during the stop: exiting at once\n",
                 signal_name(signo)
@@ -161,6 +167,13 @@ impl SignalStop {
         st.socket = std::fs::symlink_metadata(socket)
             .ok()
             .map(|m| (socket.to_path_buf(), (m.dev(), m.ino())));
+    }
+
+    /// Names a file this process created, removed too if a second signal ends the process at
+    /// once (a clean stop returns to its owner, which removes it).
+    pub fn remove_on_forced_exit(&self, path: &Path) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.temp_files.push(path.to_path_buf());
     }
 
     /// Makes signals stop this VM; a signal received before ends it now.

@@ -22,9 +22,9 @@
 //! 5. Release S: a 4 KiB store punches exactly the converted pages; hugetlb punches only the
 //!    chunks with no S page left. A failed punch leaves the state consistent (counted).
 //!
-//! Between 1 and 2 the engine holds the range's chunks in the DMA fence
+//! Between 1 and 2 the engine holds the range's pages in the DMA fence
 //! ([`crate::fence`]): it waits (bounded) for device accesses already pinned there, no new one
-//! starts, and the fence's shared bits are set from the bitmap before the chunks are released
+//! starts, and the fence's shared bits are set from the bitmap before the pages are released
 //! (`Busy` if the accesses do not drain in time; nothing changed).
 //!
 //! Failures in 3-4 roll back (view, memslots, fresh allocations, bitmap) and return
@@ -297,7 +297,7 @@ impl Engine {
             .map_err(|_| ConversionError::Busy)?;
         let mut sc = std::mem::take(&mut self.scratch);
         let status = self.convert_valid(&mut sc, p0, p1, target);
-        // Whatever happened, the fence's bits become what the bitmap says, then the chunks
+        // Whatever happened, the fence's bits become what the bitmap says, then the pages
         // are released.
         self.attrs.bits().runs(p0, p1, true, &mut sc.fence_runs);
         fence.set_shared(p0, p1, true);

@@ -2,7 +2,10 @@
 //! suitable for node_exporter's textfile collector (`vmm ctl ... metrics > dir/vm.prom.tmp &&
 //! mv dir/vm.prom.tmp dir/vm.prom`). Every family has HELP and TYPE lines; names carry their
 //! unit (`_bytes`, `_seconds`) and counters end in `_total`. Extra constant labels (e.g.
-//! `vm="web1"`) tell several VMs apart in one collector directory.
+//! `vm="web1"`) tell several VMs apart in one collector directory. The same text, in the
+//! OpenMetrics 1.0 spelling ([`Format::OpenMetrics`]: counter families named without
+//! `_total`, `# EOF` at the end), is what `vmm run --metrics-addr` serves to a scraper that
+//! asks for it.
 
 use std::fmt::Write as _;
 
@@ -73,14 +76,40 @@ fn value(v: f64) -> String {
     }
 }
 
+/// Which exposition format to write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    #[default]
+    Prometheus,
+    /// OpenMetrics 1.0 text (`application/openmetrics-text; version=1.0.0`).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The HTTP `Content-Type` of this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
 /// Builds the exposition text, family by family.
 struct Writer<'a> {
     out: String,
     constant: &'a Labels,
+    format: Format,
 }
 
 impl Writer<'_> {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
+        // OpenMetrics names a counter family without the `_total` of its sample.
+        let name = match (self.format, kind) {
+            (Format::OpenMetrics, "counter") => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
@@ -121,9 +150,15 @@ const LATENCY_BOUNDS_LOG2: std::ops::RangeInclusive<u32> = 8..=34;
 
 /// Renders a `stats` reply in the Prometheus text format.
 pub fn render(s: &StatsView, constant: &Labels) -> String {
+    render_as(s, constant, Format::Prometheus)
+}
+
+/// Renders a `stats` reply in `format`.
+pub fn render_as(s: &StatsView, constant: &Labels, format: Format) -> String {
     let mut w = Writer {
         out: String::new(),
         constant,
+        format,
     };
     let m = &s.memconv;
 
@@ -492,6 +527,9 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
     }
     if let Some(d) = &s.disk {
         render_disk(&mut w, d);
+    }
+    if format == Format::OpenMetrics {
+        w.out.push_str("# EOF\n");
     }
     w.out
 }

@@ -28,13 +28,17 @@ impl Snapshot {
         let taken = Instant::now();
         // Exit counts first: the memconv snapshot may wait for a conversion batch to finish.
         let exits = shared.exit_counts();
-        let memconv = shared.memconv.stats();
+        let mut memconv = shared.memconv.stats();
+        // One pause counter everywhere: the vCPU control's (memslot edits and control-socket
+        // pauses), not only memconv's own.
+        let vcpu_pauses = shared.control.pause_count();
+        memconv.vcpu_pauses = vcpu_pauses;
         Snapshot {
             taken,
             cost: taken.elapsed(),
             uptime_ms: taken.duration_since(created).as_millis() as u64,
             exits,
-            vcpu_pauses: shared.control.pause_count(),
+            vcpu_pauses,
             memconv,
             disk: shared.disk_stats(),
         }

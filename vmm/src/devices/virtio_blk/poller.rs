@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use memconv::log_limit::LogLimiter;
+
 use super::queue::Core;
 use super::stats::bump;
 use crate::wait::HaltWaker;
@@ -118,6 +120,16 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration, waker: &OnceLock<
             if let Some(t) = idle_since.take() {
                 budget.work_after(t.elapsed());
             }
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                static ROUNDS: LogLimiter = LogLimiter::new(10);
+                if ROUNDS.allow() {
+                    tracing::debug!(
+                        "virtio-blk: {done} requests completed this round, {} so far ({} rounds not shown so far)",
+                        core.counters.requests.load(Ordering::Relaxed),
+                        ROUNDS.suppressed()
+                    );
+                }
+            }
             last_work = Instant::now();
             continue;
         }
@@ -137,9 +149,21 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration, waker: &OnceLock<
         if active {
             budget.slept();
         }
+        let slept = Instant::now();
         wakeup.sleep();
         core.after_wake();
         idle_since = None;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            static SLEEPS: LogLimiter = LogLimiter::new(10);
+            if SLEEPS.allow() {
+                tracing::debug!(
+                    "virtio-blk: poller slept {} after {} idle, woken by a doorbell or the end ({} sleeps not shown so far)",
+                    memconv::stats::units::duration(slept.elapsed().as_nanos() as u64),
+                    memconv::stats::units::duration(idle.as_nanos() as u64),
+                    SLEEPS.suppressed()
+                );
+            }
+        }
         last_work = Instant::now();
     }
 }

@@ -10,8 +10,9 @@
 //! right now is not executed: [`Processed::Retry`] puts it back for a later round. One whose
 //! shared-store pages are not allocated (an access would fault) fails with IOERR as an error.
 //! Other bad requests (malformed chains, indirect descriptors, which are not offered,
-//! out-of-range sectors, huge lengths, I/O errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*; those the
-//! image failed (a [`TransferError`](super::disk::TransferError): full filesystem, truncated
+//! out-of-range sectors, huge lengths, I/O errors) complete with IOERR (UNSUPP for unknown
+//! types) and count as *errors*; those the image failed (a
+//! [`TransferError`](super::disk::TransferError): full filesystem, truncated
 //! image, flush error) count as *io_errors* too.
 
 use std::sync::atomic::{fence, Ordering};
@@ -265,8 +266,8 @@ impl Requests<'_> {
         }
     }
 
-    /// Moves the request's data between the disk at `off` and guest memory (pinned by
-    /// the caller), in one vectored call.
+    /// Moves the request's data between the disk at `off` and guest memory (pinned by the
+    /// caller), in one vectored call.
     fn transfer(&self, data: &[Seg], off: u64, to_guest: bool) -> Result<(), ReqFail> {
         let mut slices: SmallVec<[VolatileSlice<'_>; 8]> = SmallVec::new();
         for s in data.iter().filter(|s| s.len > 0) {

@@ -125,7 +125,7 @@ impl BlkStats {
     pub fn render(&self) -> String {
         format!(
             "disk: {} ({} MiB, {} queues): requests {} (reads {}, writes {}, flushes {}, get_id {}, unsupported {}), \
-             read {} B, written {} B, violations {}, errors {} (io errors {}, {} not logged), device faults {}, doorbells {}, sleeps {}, resets {}\n",
+             read {:.1} MiB, written {:.1} MiB, violations {}, errors {} (io errors {}, {} not logged), device faults {}, doorbells {}, sleeps {}, resets {}\n",
             self.path,
             self.capacity_bytes >> 20,
             self.queues,
@@ -135,8 +135,8 @@ impl BlkStats {
             self.flushes,
             self.get_ids,
             self.unsupported,
-            self.bytes_read,
-            self.bytes_written,
+            memconv::stats::units::mib(self.bytes_read),
+            memconv::stats::units::mib(self.bytes_written),
             self.violations,
             self.errors,
             self.io_errors,

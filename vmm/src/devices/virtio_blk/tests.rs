@@ -408,7 +408,7 @@ fn disk_open_errors_are_clear() {
 
 #[test]
 fn requests_wait_for_a_conversion_holding_their_pages() {
-    // The data buffer lies in the second 2 MiB chunk, the rings in the first.
+    // The data buffer lies away from the rings.
     const FAR: u64 = 0x300000;
     let mut r = rig("fence", true);
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
@@ -430,9 +430,13 @@ fn requests_wait_for_a_conversion_holding_their_pages() {
     let mut back = vec![0u8; 4096];
     r.m().read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert_eq!(back, pattern);
-    // A conversion holding the rings' chunk: the whole queue waits; no fault.
+    // A conversion holding a ring page: the whole queue waits; no fault.
     r.request(2, VIRTIO_BLK_T_IN, 0, FAR, 512);
-    let hold = r.mem.fence.begin_conversion(0, 1).unwrap();
+    let hold = r
+        .mem
+        .fence
+        .begin_conversion(USED / 4096, USED / 4096 + 1)
+        .unwrap();
     assert_eq!(r.round(), 0);
     assert!(
         r.dev.core.prepare_sleep(),

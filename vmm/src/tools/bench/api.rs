@@ -188,7 +188,7 @@ pub fn run(opts: &ApiBenchOptions) -> Result<String, BenchError> {
     let run_opts = RunOptions {
         console: Some(Console::with_writer(Box::new(std::io::sink()))),
         api_socket: Some(socket.clone()),
-        signals: None,
+        ..Default::default()
     };
     let vm_cfg = cfg.clone();
     let thread = std::thread::Builder::new()

@@ -72,9 +72,9 @@ pub enum TransferError {
         /// What the kernel said.
         source: io::Error,
     },
-    /// fstat of the image failed before a write.
+    /// Reading the image's current size failed before a write.
     #[error("cannot check the image's size: {0}")]
-    Stat(io::Error),
+    Size(io::Error),
     /// fdatasync (and msync on the mapped path) failed: earlier writes may be lost.
     #[error("flush failed: {0}")]
     Flush(io::Error),

@@ -24,7 +24,7 @@ mod mapped;
 mod vectored;
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -266,11 +266,16 @@ impl Disk {
         Ok(len)
     }
 
-    /// A write must not extend a file truncated since it was opened (one fstat; a truncation
-    /// racing with it can still let this write land past the new end: the file grows back,
-    /// sparse, which costs the host nothing more than the image's size).
+    /// A write must not extend a file truncated since it was opened. One lseek(SEEK_END): it
+    /// reads the size without fstat's timestamp query (which, with multigrain timestamps,
+    /// makes the next write update the file's times at full cost); it moves only the file
+    /// position, which preadv/pwritev never use. A truncation racing with the check can
+    /// still let this one write land past the new end: the file grows back, sparse, never
+    /// past the image's size at open.
     fn check_not_truncated(&self, off: u64, len: u64) -> Result<(), TransferError> {
-        let now = self.file.metadata().map_err(TransferError::Stat)?.len();
+        let now = (&self.file)
+            .seek(io::SeekFrom::End(0))
+            .map_err(TransferError::Size)?;
         if off + len > now {
             return Err(TransferError::Truncated { off, len, now });
         }
