@@ -159,6 +159,7 @@ pub const IO_KEYS: &[Key] = &[
     key("report_ms", Accepts::Io, "milliseconds"),
     key("ramp_ms", Accepts::Io, "milliseconds"),
     key("broken", Accepts::Io, "private-buffer"),
+    key("stall", Accepts::Io, "0 or 1"),
 ];
 
 const CONVERT_KEYS: &[Key] = &[
