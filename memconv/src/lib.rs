@@ -3,6 +3,8 @@
 //! `abi` is the wire contract shared with the guest and is `no_std`; everything else (stores,
 //! the conversion engine, accounting) needs the `host` feature, on by default.
 //!
+//! [`replay_ops`] (no_std too) is the binary op stream of a replayed Linux DMA trace.
+//!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
 //! (validate, convert, accept; owns the counters), [`fence`] (device accesses and conversions
@@ -16,6 +18,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
+pub mod replay_ops;
 
 #[cfg(feature = "host")]
 pub mod bitmap;
