@@ -98,6 +98,15 @@ pub const BOOT_FLAG_HOST_2M: u32 = 1 << 1;
 
 /// Most devices listed in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 8;
+/// `rax` at a `hlt` that asks to wait, not to stop ("WAIT"): the host blocks the vCPU until
+/// a device completes a request, a vCPU stops for good, the VM ends, the shared 32-bit word at
+/// GPA `rbx` (4-byte aligned; 0: none) no longer holds `ecx`, or `rdx` microseconds pass (at
+/// most [`HLT_WAIT_MAX_US`]); then the guest resumes after its `hlt`. Any other `rax`: the vCPU
+/// is done and halts until the VM ends.
+pub const HLT_WAIT_MAGIC: u64 = u32::from_le_bytes(*b"WAIT") as u64;
+/// Longest `hlt` wait the host honours, in microseconds.
+pub const HLT_WAIT_MAX_US: u64 = 100_000;
+
 /// `DeviceInfo::kind` of an unused slot.
 pub const DEVICE_NONE: u32 = 0;
 /// `DeviceInfo::kind` of a virtio-mmio device.

@@ -166,6 +166,14 @@ enum BenchCommand {
         /// Only the data-path comparison (skip the per-policy table).
         #[arg(long)]
         data_path_only: bool,
+        /// Also measure every figure with N busy threads beside the VM, in the same run, and
+        /// print loaded/quiet ratios (warns when they and the VM's threads outnumber the cores).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+        load: u64,
+        /// Measure every per-policy figure N times and print the median and the spread (the
+        /// data-path comparison has its own --repeats).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=50))]
+        repeat: u64,
     },
     /// Pool map+unmap operations per second inside the VM, per policy and vCPU count (the
     /// host-side twin: `cargo run --release -p swiotlb --features host --example bench_host`
@@ -219,10 +227,14 @@ impl BenchCommand {
                 secs,
                 repeats,
                 data_path_only,
+                load,
+                repeat,
             } => bench::Bench::Io(bench::IoBenchOptions {
                 secs: *secs,
                 repeats: *repeats,
                 data_path_only: *data_path_only,
+                load: *load as usize,
+                repeat: *repeat as usize,
             }),
             BenchCommand::Pool { ms, size } => bench::Bench::Pool {
                 ms: *ms,

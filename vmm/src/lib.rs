@@ -22,3 +22,4 @@ pub mod signals;
 pub mod tools;
 pub mod vcpu;
 pub mod vm;
+pub mod wait;

@@ -424,6 +424,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         )
         .with_devices(Arc::clone(&devices)),
     );
+    if let Some(blk) = devices.block() {
+        blk.wake_on_completion(shared.waker());
+    }
     if let Some(stop) = &signals {
         stop.attach(&shared);
     }

@@ -28,12 +28,37 @@ pub unsafe fn outl(port: u16, value: u32) {
     };
 }
 
-/// Halt until the next interrupt or spurious wake-up.
+/// Halt until the next interrupt or spurious wake-up. `rax` is 0, never
+/// [`memconv::abi::HLT_WAIT_MAGIC`] (left there by an earlier [`hlt_wait`]), so the host sees
+/// a vCPU that is done, not one that waits.
 #[inline]
 pub fn hlt() {
     // SAFETY: `hlt` only waits; interrupts are off in the guest, so it may also return
     // spuriously, which callers tolerate.
-    unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) };
+    unsafe { asm!("hlt", in("rax") 0u64, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Wait in a `hlt` the host ends ([`memconv::abi::HLT_WAIT_MAGIC`]): when a device completes
+/// requests, a vCPU stops for good, the shared 32-bit word at `word` (0: none) no longer holds
+/// `expected`, or after about `timeout_us` microseconds; may also return at once. Callers
+/// re-check what they wait for.
+#[inline]
+pub fn hlt_wait(word: u64, expected: u32, timeout_us: u64) {
+    // SAFETY: `hlt` only waits; the host reads `word` but writes nothing of ours. rbx cannot be
+    // named as an operand (LLVM reserves it), so it is swapped in and back out. Not `nomem`:
+    // devices write guest memory while we wait, so memory accesses must not move across it.
+    unsafe {
+        asm!(
+            "xchg {w}, rbx",
+            "hlt",
+            "xchg {w}, rbx",
+            w = inout(reg) word => _,
+            in("rax") memconv::abi::HLT_WAIT_MAGIC,
+            in("rcx") expected as u64,
+            in("rdx") timeout_us,
+            options(nostack, preserves_flags)
+        )
+    };
 }
 
 /// Halt forever (`hlt` in a loop: it can wake spuriously).

@@ -3,7 +3,8 @@
 //! Owns what a guest program needs around its `main`: the entry point and per-vCPU stacks
 //! (`start`), the C memory functions (`mem`), serial output (`serial`), exceptions (`idt`),
 //! panics, boot info and command line (`bootinfo`, `cmdline`), hypercalls (`hypercall`), the
-//! physical page allocator (`palloc`), spinning synchronisation (`sync`) and TSC time (`time`).
+//! physical page allocator (`palloc`), spinning synchronisation (`sync`), TSC time (`time`) and
+//! waits that poll, then halt (`wait`; the budget logic in `rtcore::budget`).
 //!
 //! A program is a `#![no_std] #![no_main]` binary that calls [`entry!`] with its
 //! `fn main(cpu: u32) -> u32`. The runtime runs `main` on every vCPU once vCPU 0 has validated
@@ -38,7 +39,7 @@ pub mod hypercall;
 pub mod numfmt;
 pub mod palloc;
 
-pub use rtcore::{cmdline, sync};
+pub use rtcore::{budget, cmdline, sync};
 
 #[cfg(all(feature = "bare-metal", not(test)))]
 pub mod arch;
@@ -54,6 +55,8 @@ pub mod serial;
 mod start;
 #[cfg(all(feature = "bare-metal", not(test)))]
 pub mod time;
+#[cfg(all(feature = "bare-metal", not(test)))]
+pub mod wait;
 
 pub use memconv::abi;
 

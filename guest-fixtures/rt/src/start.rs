@@ -49,6 +49,8 @@ global_asm!(
     // rdi (boot info) and rsi (vCPU index) pass straight through.
     "    call {entry}",
     "3:",
+    // rax 0: a vCPU that is done, not a host-ended wait (memconv::abi::HLT_WAIT_MAGIC).
+    "    xor eax, eax",
     "    hlt",
     "    jmp 3b",
     ".size _start, . - _start",

@@ -421,6 +421,17 @@ impl BlkQueue {
         }
     }
 
+    /// Whether a completion is waiting to be polled (no unmap, one read).
+    pub fn completion_pending(&self) -> bool {
+        self.ring.used_pending()
+    }
+
+    /// The shared word that changes when the device completes a request on this queue (for
+    /// a waiter that halts: see the VMM's `hlt` wait).
+    pub fn completion_word(&self) -> u64 {
+        self.ring.used_word()
+    }
+
     /// The next completed request, its data buffer unmapped (for reads: copied back).
     pub fn poll(&mut self, dma: &dyn Dma) -> Result<Option<Completion>, BlkError> {
         let Some((head, used_len)) = self.ring.pop_used()? else {

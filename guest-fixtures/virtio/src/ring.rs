@@ -247,6 +247,19 @@ impl SplitQueue {
         }
     }
 
+    /// Whether the device has used a chain not yet popped (one read of the used index).
+    pub fn used_pending(&self) -> bool {
+        // SAFETY: the used ring's idx field.
+        let idx = unsafe { read_volatile((self.used + 2) as *const u16) };
+        idx != self.last_used
+    }
+
+    /// The address of the used ring's first 32-bit word (flags and index): it changes when
+    /// the device uses a chain, so a waiter can watch it.
+    pub fn used_word(&self) -> u64 {
+        self.used
+    }
+
     /// The next completed chain: (head index, bytes the device wrote), after freeing its
     /// descriptors. `Ok(None)` when nothing new is used. The device's claims are checked
     /// against the chains in flight.

@@ -84,6 +84,9 @@ pub struct Params {
     pub ramp_ms: u64,
     /// Hand the device a private buffer (`broken=private-buffer`).
     pub broken: bool,
+    /// Submit nothing and wait `seconds` for a completion that never comes (`stall=1`: an
+    /// idle VM, for the CPU-use test).
+    pub stall: bool,
 }
 
 /// `n` as a request size, if it is a sector multiple in 512 B ..= 256 KiB.
@@ -170,6 +173,7 @@ pub fn parse(c: &Cmdline, cpu_count: u32) -> Result<Params, &'static str> {
         report_ms: num("report_ms", 100)?.max(1),
         ramp_ms: num("ramp_ms", 0)?,
         broken,
+        stall: c.flag("stall", false).map_err(|_| "stall= is 0 or 1")?,
     })
 }
 
@@ -186,7 +190,8 @@ mod tests {
         let p = opts("policy=legacy", 2).unwrap();
         assert_eq!(p.sizes, Sizes::Fixed(4096));
         assert_eq!((p.qd, p.read_pct, p.burst, p.cpus), (8, 50, 0, 2));
-        assert!(!p.worker && p.fill && p.verify && !p.memcpy && !p.broken);
+        assert!(!p.worker && p.fill && p.verify && !p.memcpy && !p.broken && !p.stall);
+        assert!(opts("stall=1", 1).unwrap().stall);
         assert_eq!((p.requests, p.seconds, p.region, p.seed), (1000, 0, 0, 1));
         assert_eq!((p.report_ms, p.ramp_ms), (100, 0));
     }

@@ -164,6 +164,7 @@ pub const IO_KEYS: &[Key] = &[
     key("report_ms", Accepts::Io, "milliseconds"),
     key("ramp_ms", Accepts::Io, "milliseconds"),
     key("broken", Accepts::Io, "private-buffer"),
+    key("stall", Accepts::Io, "0 or 1"),
     // `vmm replay` (the io fixture's replay module reads these itself).
     num(
         "replay_speed_milli",

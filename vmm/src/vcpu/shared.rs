@@ -17,6 +17,7 @@ use crate::devices::bus::{Bus, BusDevice, BusError, DeviceKind, Space};
 use crate::devices::doorbell::Doorbell;
 use crate::devices::{BlkStats, Devices};
 use crate::serial::{Console, SERIAL_PORTS};
+use crate::wait::HaltWaker;
 
 /// Everything vCPU threads share.
 pub struct VmShared {
@@ -32,6 +33,8 @@ pub struct VmShared {
     pub(super) ending: EndRendezvous,
     /// Exit counts, unknown ports, pool reports.
     pub(super) telemetry: Telemetry,
+    /// Where vCPUs waiting in a `hlt` block, and what wakes them.
+    pub(super) waker: Arc<HaltWaker>,
     /// The MMIO devices (for their statistics), once attached.
     devices: Option<Arc<Devices>>,
 }
@@ -75,6 +78,7 @@ impl VmShared {
             bus,
             ending: EndRendezvous::default(),
             telemetry: Telemetry::new(cpus),
+            waker: Arc::new(HaltWaker::default()),
             devices: None,
         }
     }
@@ -111,7 +115,13 @@ impl VmShared {
     pub fn end(&self, why: VmEnd) {
         self.ending.record(why);
         self.control.stop();
+        self.waker.wake();
         self.ending.signal();
+    }
+
+    /// The waker of vCPUs waiting in a `hlt` (devices call it when they complete requests).
+    pub fn waker(&self) -> Arc<HaltWaker> {
+        Arc::clone(&self.waker)
     }
 
     /// Has `fd` written to when the VM ends (once; later calls are ignored). The VM may

@@ -1,18 +1,21 @@
 //! One vCPU thread's body ([`run_vcpu`]): the run loop that drives the vCPU's state machine
-//! (enter, park, exit, halt, finish) around KVM_RUN and exit dispatch, the register dump of a
-//! crashed vCPU, and the panic guard: a panic on the thread ends the VM as a host error (the
-//! summary is still written) instead of aborting the process.
+//! (enter, park, exit, halt, finish) around KVM_RUN and exit dispatch, a `hlt` that waits
+//! (see [`crate::wait`]), the register dump of a crashed vCPU, and the panic guard: a panic on
+//! the thread ends the VM as a host error (the summary is still written) instead of aborting
+//! the process.
 
 use std::sync::Arc;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::dispatch::{dispatch, ExitAction};
 use super::end::VmEnd;
 use super::shared::VmShared;
 use super::state::Transition;
 use super::telemetry::ExitCounts;
+use crate::wait::HaltWait;
 
 /// Formats the registers of a crashed vCPU.
 fn register_dump(fd: &mut VcpuFd) -> String {
@@ -75,6 +78,34 @@ fn register_dump(fd: &mut VcpuFd) -> String {
     out
 }
 
+/// A `hlt` that asks to wait ([`HaltWait`]): blocks until a wake-up, the watched shared word
+/// changing, or the timeout, and returns true (the guest resumes after its `hlt`). False: the
+/// vCPU is done (or its registers cannot be read).
+fn wait_in_hlt(fd: &mut VcpuFd, shared: &VmShared) -> bool {
+    let Ok(r) = fd.get_regs() else {
+        return false;
+    };
+    let Some(w) = HaltWait::from_regs(r.rax, r.rbx, r.rcx, r.rdx) else {
+        return false;
+    };
+    if shared.control.stopping() {
+        return true;
+    }
+    // Only a shared word is read: the host does not look at private memory.
+    let word = w
+        .word
+        .filter(|&gpa| shared.memconv.check_shared(gpa, 4).is_ok());
+    shared.waker.wait(w.timeout, || match word {
+        Some(gpa) => shared
+            .memconv
+            .shared_memory()
+            .read_obj::<u32>(GuestAddress(gpa))
+            .is_ok_and(|v| v == w.expected),
+        None => true,
+    });
+    true
+}
+
 /// One vCPU thread's body: runs until the VM ends. A panic inside ends the VM with
 /// [`VmEnd::HostError`] for this vCPU.
 pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
@@ -126,8 +157,11 @@ fn run_loop(fd: &mut VcpuFd, cpu: u32, shared: &Arc<VmShared>) {
         };
         match action {
             ExitAction::Resume => {}
+            ExitAction::Halt if wait_in_hlt(fd, shared) => {}
             ExitAction::Halt => {
                 control.transition(cpu, Transition::Halt);
+                // A vCPU that stops for good may be what another one waits for.
+                shared.waker.wake();
                 if control.all_halted_or_done() {
                     shared.end(VmEnd::AllHalted);
                 }

@@ -13,7 +13,7 @@ pub mod queue;
 pub mod request;
 pub mod stats;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -26,6 +26,8 @@ use guest::GuestAccess;
 use poller::Wakeup;
 use queue::{Core, State};
 use stats::bump;
+
+use crate::wait::HaltWaker;
 
 pub use config::{
     device_features, MAX_QUEUES, MAX_QUEUE_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_BLK_SIZE,
@@ -52,7 +54,8 @@ pub const DEFAULT_IDLE_US: u64 = 2000;
 pub struct BlkConfig {
     /// Number of request queues (1..=16); the guest driver uses one per vCPU.
     pub num_queues: usize,
-    /// How long the poller keeps polling without finding work before it sleeps.
+    /// The longest the poller keeps polling without finding work before it sleeps (its
+    /// adaptive budget is at most this).
     pub idle: Duration,
 }
 
@@ -69,6 +72,7 @@ impl Default for BlkConfig {
 pub struct BlockDevice {
     core: Core,
     wakeup: Wakeup,
+    waker: OnceLock<Arc<HaltWaker>>,
     idle: Duration,
     config_space: ConfigSpace,
     path: String,
@@ -102,6 +106,7 @@ impl BlockDevice {
                 GuestAccess::new(mem),
             ),
             wakeup: Wakeup::default(),
+            waker: OnceLock::new(),
             idle: cfg.idle,
             config_space: ConfigSpace::new(capacity, cfg.num_queues),
             path,
@@ -145,6 +150,12 @@ impl BlockDevice {
         }
     }
 
+    /// Has the poller wake vCPUs waiting in a `hlt` whenever it completes requests (once;
+    /// later calls are ignored).
+    pub fn wake_on_completion(&self, waker: Arc<HaltWaker>) {
+        let _ = self.waker.set(waker);
+    }
+
     /// Makes the poller leave its loop.
     pub fn stop(&self) {
         self.wakeup.stop();
@@ -165,7 +176,7 @@ impl BlockDevice {
         let dev = Arc::clone(self);
         std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle))
+            .spawn(move || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle, &dev.waker))
             .map_err(DiskError::Thread)
     }
 
@@ -179,7 +190,7 @@ impl BlockDevice {
         std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
-                let run = || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle);
+                let run = || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle, &dev.waker);
                 if let Err(msg) = crate::panic_guard::guarded(run) {
                     on_panic(msg);
                 }

@@ -1,12 +1,15 @@
 //! `vmm bench io`: the DMA device per pool policy: 4 KiB random-read IOPS, 64 KiB bandwidth
-//! next to memcpy, pool footprint, conversions and double allocation; then the disk's data
-//! path (preadv/pwritev) against the old mapped path at 64 KiB, side by side in one run.
+//! next to memcpy, pool footprint, conversions and double allocation (medians over repeats,
+//! and the same figures beside busy threads, `--load N`, with loaded/quiet ratios); then the
+//! disk's data path (preadv/pwritev) against the old mapped path at 64 KiB, side by side in
+//! one run.
 
 use std::fmt::Write as _;
 
 use memconv::StoreKind;
 
 use super::common::{io_field, spread, BenchError, Capture};
+use super::load::{cores, oversubscribed, BusyLoad};
 use crate::config::VmConfig;
 use crate::devices::DiskIo;
 use crate::run::{self, RunError, RunSummary};
@@ -31,6 +34,10 @@ pub struct IoBenchOptions {
     pub repeats: u32,
     /// Only the data-path comparison.
     pub data_path_only: bool,
+    /// Busy threads beside the VM for the loaded per-policy figures (0: quiet figures only).
+    pub load: usize,
+    /// Measurements per per-policy figure (median and spread).
+    pub repeat: usize,
 }
 
 fn io_run(
@@ -68,7 +75,9 @@ fn io_run(
 /// `vmm bench io`: per policy, 4 KiB random reads at queue depth 32 (IOPS, memfd/memfd) and
 /// 64 KiB reads (bandwidth next to a plain memcpy of the same sizes in the same guest,
 /// hugetlb/hugetlb), with the pool's footprint and conversions and memconv's double
-/// allocation. `secs` seconds per measurement. Then [`data_path`].
+/// allocation, medians of `repeat` measurements with their spread; with `load` busy threads
+/// the same figures beside them in the same run, and loaded/quiet ratios. `secs` seconds per
+/// measurement. Then [`data_path`].
 pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
     let secs = opts.secs;
     let dir = std::env::temp_dir().join(format!("vmm-bench-io-{}", std::process::id()));
@@ -81,24 +90,71 @@ pub fn io(opts: &IoBenchOptions) -> Result<String, BenchError> {
     let disk = dir.join("bench.img");
     let mut out = String::new();
     if !opts.data_path_only {
-        policies(secs, &disk, &mut out)?;
+        policies(opts, &disk, &mut out)?;
     }
     data_path(secs, opts.repeats.max(1), &disk, &mut out)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
 
-/// The per-policy table.
-fn policies(secs: u64, disk: &std::path::Path, out: &mut String) -> Result<(), BenchError> {
+/// One quiet or loaded measurement of one policy.
+struct Sample {
+    iops: f64,
+    mbps: f64,
+    memcpy: f64,
+    doorbells: f64,
+    halts: f64,
+    s64: RunSummary,
+}
+
+fn sample(popts: &str, secs: u64, disk: &std::path::Path) -> Result<Sample, BenchError> {
+    let w4k = format!("rw=read sizes=4k qd=32 verify=0 region=128M seconds={secs}");
+    let (_s4, o4) = io_run(popts, &w4k, StoreKind::Memfd, disk, DiskIo::Vectored)?;
+    let w64 = format!("rw=read sizes=64k qd=32 verify=0 region=128M memcpy=1 seconds={secs}");
+    let (s64, o64) = io_run(popts, &w64, StoreKind::Hugetlb, disk, DiskIo::Vectored)?;
+    Ok(Sample {
+        iops: io_field(&o4, "iops"),
+        mbps: io_field(&o64, "MBps"),
+        memcpy: io_field(&o64, "memcpy_MBps"),
+        doorbells: io_field(&o4, "doorbells") + io_field(&o64, "doorbells"),
+        halts: io_field(&o4, "halts") + io_field(&o64, "halts"),
+        s64,
+    })
+}
+
+/// (median, spread as (max - min) / median) of `f` over `v`.
+fn med(v: &[Sample], f: fn(&Sample) -> f64) -> (f64, f64) {
+    let (lo, m, hi) = spread(v.iter().map(f).collect());
+    (m, if m > 0.0 { (hi - lo) / m } else { 0.0 })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// The per-policy table (and its loaded twin).
+fn policies(
+    opts: &IoBenchOptions,
+    disk: &std::path::Path,
+    out: &mut String,
+) -> Result<(), BenchError> {
+    let (secs, load, repeat) = (opts.secs, opts.load, opts.repeat.max(1));
     let _ = writeln!(
         *out,
-        "io: 1 vCPU, 512 MiB, 256 MiB disk, {secs} s per figure; 4k = random reads qd=32 (memfd/memfd), \
+        "io: 1 vCPU, 512 MiB, 256 MiB disk, {secs} s per figure, median of {repeat}; 4k = random reads qd=32 (memfd/memfd), \
          64k = reads qd=32 (hugetlb/hugetlb) vs memcpy of 64 KiB in the same guest from a \
          128 MiB source (the disk region's size) into the request buffers"
     );
+    if let Some(w) = oversubscribed(load, 2) {
+        let _ = writeln!(*out, "{w}");
+    }
     let _ = writeln!(
-        out,
-        "  {:<10} {:>9} {:>9} {:>11} {:>6} {:>9} {:>11} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9}",
+        *out,
+        "  {:<10} {:>9} {:>9} {:>11} {:>6} {:>9} {:>11} {:>10} {:>8} {:>6} {:>6} {:>6} {:>9} {:>7} {:>7} {:>6}",
         "policy",
         "4k IOPS",
         "64k MB/s",
@@ -111,28 +167,44 @@ fn policies(secs: u64, disk: &std::path::Path, out: &mut String) -> Result<(), B
         "cv 4k",
         "cv 2m",
         "cv oth",
-        "dbl peak"
+        "dbl peak",
+        "4k sprd",
+        "64k spr",
+        "halts"
     );
-    for (policy, opts) in IO_POLICIES {
-        let popts = format!("policy={policy} {opts}");
-        let w4k = format!("rw=read sizes=4k qd=32 verify=0 region=128M seconds={secs}");
-        let (_s4, o4) = io_run(&popts, &w4k, StoreKind::Memfd, disk, DiskIo::Vectored)?;
-        let w64 = format!("rw=read sizes=64k qd=32 verify=0 region=128M memcpy=1 seconds={secs}");
-        let (s64, o64) = io_run(&popts, &w64, StoreKind::Hugetlb, disk, DiskIo::Vectored)?;
-        let iops = io_field(&o4, "iops");
-        let mbps = io_field(&o64, "MBps");
-        let memcpy = io_field(&o64, "memcpy_MBps");
-        let doorbells = io_field(&o4, "doorbells") + io_field(&o64, "doorbells");
+    let mut loaded_rows = Vec::new();
+    let mut started = load;
+    for (policy, popts) in IO_POLICIES {
+        let popts = format!("policy={policy} {popts}");
+        let mut quiet = Vec::with_capacity(repeat);
+        let mut loaded = Vec::with_capacity(repeat);
+        for _ in 0..repeat {
+            quiet.push(sample(&popts, secs, disk)?);
+            if load > 0 {
+                let busy = BusyLoad::start(load);
+                started = started.min(busy.threads());
+                let r = sample(&popts, secs, disk);
+                drop(busy);
+                loaded.push(r?);
+            }
+        }
+        let (iops, iops_spread) = med(&quiet, |s| s.iops);
+        let (mbps, mbps_spread) = med(&quiet, |s| s.mbps);
+        let (memcpy, _) = med(&quiet, |s| s.memcpy);
+        let (doorbells, _) = med(&quiet, |s| s.doorbells);
+        let (halts, _) = med(&quiet, |s| s.halts);
+        // Footprint figures do not depend on timing: the first run's.
+        let s64 = &quiet[0].s64;
         let p = s64.memconv.pool_report.as_ref();
         let pf = |f: fn(&memconv::stats::PoolReportSnapshot) -> u64| p.map_or(0, f);
         let _ = writeln!(
-            out,
-            "  {:<10} {:>9.0} {:>9.0} {:>11.0} {:>6.2} {:>9.0} {:>9.1}Mi {:>10} {:>8} {:>6} {:>6} {:>6} {:>7.1}Mi",
+            *out,
+            "  {:<10} {:>9.0} {:>9.0} {:>11.0} {:>6.2} {:>9.0} {:>9.1}Mi {:>10} {:>8} {:>6} {:>6} {:>6} {:>7.1}Mi {:>6.0}% {:>6.0}% {:>6.0}",
             policy,
             iops,
             mbps,
             memcpy,
-            if memcpy > 0.0 { mbps / memcpy } else { 0.0 },
+            ratio(mbps, memcpy),
             doorbells,
             pf(|p| p.shared_peak_bytes) as f64 / (1u64 << 20) as f64,
             pf(|p| p.map_failures),
@@ -141,7 +213,56 @@ fn policies(secs: u64, disk: &std::path::Path, out: &mut String) -> Result<(), B
             pf(|p| p.conversions_2m),
             pf(|p| p.conversions_other),
             s64.memconv.double_alloc.computed_peak_bytes as f64 / (1u64 << 20) as f64,
+            iops_spread * 100.0,
+            mbps_spread * 100.0,
+            halts,
         );
+        if load > 0 {
+            let (l_iops, l_iops_spread) = med(&loaded, |s| s.iops);
+            let (l_mbps, l_mbps_spread) = med(&loaded, |s| s.mbps);
+            let (l_memcpy, _) = med(&loaded, |s| s.memcpy);
+            let (l_halts, _) = med(&loaded, |s| s.halts);
+            loaded_rows.push(format!(
+                "  {policy:<10} {:>9.0} {:>9.0} {:>6.2} {:>6.0}% {:>9.0} {:>9.0} {:>6.2} {:>6.0}% {:>11.0} {:>6.2} {:>7.0}",
+                iops,
+                l_iops,
+                ratio(l_iops, iops),
+                l_iops_spread * 100.0,
+                mbps,
+                l_mbps,
+                ratio(l_mbps, mbps),
+                l_mbps_spread * 100.0,
+                l_memcpy,
+                ratio(l_memcpy, memcpy),
+                l_halts,
+            ));
+        }
+    }
+    if load > 0 {
+        let _ = writeln!(
+            *out,
+            "loaded: the same with {started} busy threads beside the VM ({} cores), in the same run; ratio = loaded / quiet",
+            cores()
+        );
+        let _ = writeln!(
+            *out,
+            "  {:<10} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7} {:>11} {:>6} {:>7}",
+            "policy",
+            "4k quiet",
+            "4k load",
+            "ratio",
+            "spread",
+            "64k quiet",
+            "64k load",
+            "ratio",
+            "spread",
+            "memcpy load",
+            "ratio",
+            "halts"
+        );
+        for r in loaded_rows {
+            let _ = writeln!(*out, "{r}");
+        }
     }
     Ok(())
 }

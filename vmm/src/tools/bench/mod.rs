@@ -6,6 +6,7 @@ pub mod api;
 mod boot;
 mod common;
 mod io;
+mod load;
 mod pool;
 
 pub use boot::boot;
@@ -17,7 +18,7 @@ pub use pool::pool;
 #[derive(Clone, Debug)]
 pub enum Bench {
     /// `vmm bench io`.
-    Io(io::IoBenchOptions),
+    Io(IoBenchOptions),
     /// `vmm bench pool`.
     Pool {
         /// Milliseconds per measurement.
