@@ -4,7 +4,8 @@
 //! the conversion engine, accounting) needs the `host` feature, on by default.
 //!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
-//! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
+//! (per-4K attributes), [`acceptance`] (per-4K acceptance, the platform's rules, unaccepted
+//! chunks cut out of the view), [`layout`] (guest view and memslot layout), [`engine`]
 //! (validate, convert, accept; owns the counters), [`status`] ([`ConversionError`], the typed
 //! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
 //! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`service`]
@@ -16,6 +17,8 @@
 
 pub mod abi;
 
+#[cfg(feature = "host")]
+pub mod acceptance;
 #[cfg(feature = "host")]
 pub mod bitmap;
 #[cfg(feature = "host")]
@@ -45,7 +48,7 @@ mod tests;
 #[cfg(feature = "host")]
 pub use host_vm::HostVm;
 #[cfg(feature = "host")]
-pub use ram::{Granularity, RamConfig};
+pub use ram::{Granularity, Platform, RamConfig};
 #[cfg(feature = "host")]
 pub use service::{AccessError, ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]

@@ -1,5 +1,5 @@
 //! Statistics: the engine's counters ([`counters`]), the latency histogram ([`histogram`]),
-//! the guest pool report ([`pool_report`]), the serializable snapshot ([`snapshot`]) and its
+//! the guest pool report ([`pool_report`]), the acceptance lifecycle ([`lifecycle`]), the serializable snapshot ([`snapshot`]) and its
 //! human-readable table ([`StatsSnapshot::summary`]). The kernel figures are measured in `crate::measure`.
 //!
 //! The snapshot types are also `Deserialize` so readers of the JSON (`vmm ctl`, the
@@ -21,12 +21,14 @@
 
 pub mod counters;
 pub mod histogram;
+pub mod lifecycle;
 pub mod pool_report;
 pub mod snapshot;
 mod summary;
 
 pub use counters::{Counters, SizeClass};
 pub use histogram::{Histogram, LatencyBucket, LatencySnapshot};
+pub use lifecycle::{LifecycleCounters, LifecycleInputs, LifecycleSnapshot};
 pub use pool_report::PoolReportSnapshot;
 pub use snapshot::{
     DoubleAlloc, RejectCount, SizeCounts, SnapshotInputs, StatsSnapshot, StoreUsage,

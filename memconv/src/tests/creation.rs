@@ -61,8 +61,11 @@ fn hugetlb_exhaustion_is_a_clean_error() {
             shared: StoreKind::Hugetlb,
             granularity: Granularity::Page4K,
             cpus: 1,
+            platform: Platform::Tdx,
+            prealloc: false,
         };
         let svc = ConversionService::with_stores(cfg, p, s, host.clone()).unwrap();
+        svc.accept_boot(size).unwrap();
         host.armed.store(true, Ordering::SeqCst);
         let mut m = Model::new(size);
         for pg in (2 * PAGES_PER_CHUNK)..(size / PAGE_SIZE) {
@@ -118,6 +121,8 @@ fn creation_errors_are_clear() {
         shared,
         granularity: Granularity::Page4K,
         cpus: 1,
+        platform: Platform::Tdx,
+        prealloc: false,
     };
     let e = ConversionService::new(
         cfg(32 * MB + 4096, StoreKind::Memfd, StoreKind::Memfd),
@@ -165,13 +170,24 @@ fn creation_errors_are_clear() {
             && msg.contains("/proc/sys/vm/nr_hugepages"),
         "{msg}"
     );
+    // Eager backing of 64 GiB cannot have its huge pages; lazy backing needs only the boot
+    // area and the mailbox chunk.
     let e = ConversionService::new(
-        cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb),
-        host,
+        RamConfig {
+            prealloc: true,
+            ..cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb)
+        },
+        host.clone(),
     )
     .err()
     .unwrap();
     assert!(e.to_string().contains("huge pages"), "{e}");
+    ensure_hugepages(4);
+    let lazy = ConversionService::new(
+        cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb),
+        host,
+    );
+    assert!(lazy.is_ok(), "lazy 64 GiB: {:?}", lazy.err());
     assert_eq!("hugetlb".parse::<StoreKind>().unwrap(), StoreKind::Hugetlb);
     assert_eq!("2m".parse::<Granularity>().unwrap().to_string(), "2m");
     assert!("1g".parse::<Granularity>().is_err());
