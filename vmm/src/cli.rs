@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use memconv::{Granularity, StoreKind};
+use memconv::{Granularity, Platform, StoreKind};
 
 use crate::config::{parse_size, ConfigError, DiskConfig, ExecMode, VmConfig};
 use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
@@ -239,6 +239,12 @@ pub struct RunArgs {
     /// Host conversion granularity: 4k or 2m.
     #[arg(long, value_name = "4k|2m", default_value = "4k")]
     granularity: Granularity,
+    /// Confidential platform whose acceptance lifecycle the host enforces: tdx or snp.
+    #[arg(long, value_name = "tdx|snp", default_value = "tdx")]
+    platform: Platform,
+    /// Back all private RAM before boot instead of each 2 MiB chunk at the guest's ACCEPT.
+    #[arg(long)]
+    prealloc: bool,
     /// Write the end-of-run statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -301,6 +307,8 @@ impl RunArgs {
             private: self.private,
             shared: self.shared,
             granularity: self.granularity,
+            platform: self.platform,
+            prealloc: self.prealloc,
             stats_json: self.stats_json.clone(),
             disk: self.disk_config(),
         })

@@ -16,13 +16,17 @@ pub const EXIT_VM_CRASHED: u8 = 70;
 /// `vmm run`: every vCPU halted for good.
 pub const EXIT_ALL_HALTED: u8 = 71;
 
+/// `vmm run`: the guest touched memory it had not accepted; the VM was stopped.
+pub const EXIT_UNACCEPTED_ACCESS: u8 = 72;
+
 /// The exit status `vmm run` uses for an end reason: the guest's own code (saturated to 255),
-/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], or [`EXIT_OK`] when the host stopped it.
+/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], [`EXIT_UNACCEPTED_ACCESS`], or [`EXIT_OK`] when the host stopped it.
 pub fn exit_status(end: &VmEnd) -> u8 {
     match end {
         VmEnd::GuestExit { code, .. } => u8::try_from(*code).unwrap_or(u8::MAX),
         VmEnd::Crash { .. } | VmEnd::HostError { .. } => EXIT_VM_CRASHED,
         VmEnd::AllHalted => EXIT_ALL_HALTED,
+        VmEnd::UnacceptedAccess { .. } => EXIT_UNACCEPTED_ACCESS,
         VmEnd::Stopped => EXIT_OK,
     }
 }

@@ -37,6 +37,14 @@ pub enum RunError {
     /// The guest image could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The image's memory could not be accepted (backed) for the guest.
+    #[error("cannot back the guest image (up to {end:#x}) before boot: {source}{hint}", hint = if *source == memconv::ConversionError::NoMemory { " (no huge page left? see /proc/sys/vm/nr_hugepages)" } else { "" })]
+    BootAccept {
+        /// End of the image.
+        end: u64,
+        /// Why.
+        source: memconv::ConversionError,
+    },
     /// Execution mode problems.
     #[error(transparent)]
     Pvm(#[from] PvmError),
@@ -125,6 +133,9 @@ impl RunSummary {
             VmEnd::GuestExit { cpu, code } => format!("guest exit {code} (vCPU {cpu})"),
             VmEnd::Crash { cpu, reason, .. } => format!("CRASH on vCPU {cpu}: {reason}"),
             VmEnd::AllHalted => "all vCPUs halted".into(),
+            VmEnd::UnacceptedAccess { cpu, gpa } => format!(
+                "STOPPED: vCPU {cpu} touched unaccepted private memory at gpa {gpa:#x} (security violation)"
+            ),
             VmEnd::Stopped => "stopped by the host".into(),
             VmEnd::HostError { cpu, error } => format!("host error on vCPU {cpu}: {error}"),
         };
@@ -264,6 +275,8 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             shared: cfg.shared,
             granularity: cfg.granularity,
             cpus: cfg.cpus,
+            platform: cfg.platform,
+            prealloc: cfg.prealloc,
         },
         host.clone(),
     )?);
@@ -295,6 +308,15 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let device_infos = devices.infos();
 
     let mem = memconv.private_memory();
+    // The image is the platform's initial memory: accepted (backed, mapped) before it is
+    // written; the rest of RAM waits for the guest's ACCEPT.
+    let image_end = boot::image_end(&image, cfg.mem)?;
+    memconv
+        .accept_boot(image_end)
+        .map_err(|source| RunError::BootAccept {
+            end: image_end,
+            source,
+        })?;
     let loaded = boot::load_image(mem, &image, cfg.mem)?;
     boot::write_page_tables(mem, cfg.mem)?;
     let mut flags = 0;
@@ -303,6 +325,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     }
     if cfg.granularity == memconv::Granularity::Huge2M {
         flags |= abi::BOOT_FLAG_HOST_2M;
+    }
+    if cfg.platform == memconv::Platform::Snp {
+        flags |= abi::BOOT_FLAG_PLATFORM_SNP;
     }
     boot::write_boot_info(
         mem,

@@ -31,6 +31,14 @@ pub enum VmEnd {
     AllHalted,
     /// The host asked the VM to stop.
     Stopped,
+    /// The guest touched private memory it never accepted (the chunk has no memslot): the VM
+    /// is stopped, as a TD is. Counted as `unaccepted_accesses` in the statistics.
+    UnacceptedAccess {
+        /// The vCPU that touched it.
+        cpu: u32,
+        /// The guest physical address touched.
+        gpa: u64,
+    },
     /// KVM_RUN failed.
     HostError {
         /// The vCPU whose KVM_RUN failed.
