@@ -76,11 +76,11 @@ fn rules_on_both_platforms() {
             assert_eq!(life(&st, "unaccepted_accesses"), 0, "{ctx}");
             if case == "roundtrip" {
                 // Accepted twice (the second after the round trip is not a double accept).
-                assert!(life(&st, "accepted_pages") >= 1024 + 1, "{ctx}");
+                assert!(life(&st, "accepted_pages") > 1024, "{ctx}");
                 if platform == "snp" {
                     assert!(life(&st, "rescind_entries") >= 2, "{ctx}");
                 } else {
-                    assert!(life(&st, "dropped_pages") >= 512 + 1, "{ctx}");
+                    assert!(life(&st, "dropped_pages") > 512, "{ctx}");
                 }
             }
         }
@@ -181,7 +181,7 @@ fn hugetlb_4g_boot_holds_only_accepted_memory() {
     ensure_free_hugepages(32);
     let dir = scratch("lifecycle-4g");
     let json = dir.join("stats.json");
-    let mut child = std::process::Command::new(vmm_bin())
+    let child = std::process::Command::new(vmm_bin())
         .args([
             "run",
             "--guest",
