@@ -106,8 +106,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4096)]
         size: u64,
     },
-    /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
-    /// natively vs in the instruction emulator.
+    /// Boot time to first serial byte and to exit, exits per boot, a guest compute loop
+    /// natively vs in the instruction emulator, and boot time vs RAM on hugetlb (lazy vs
+    /// --prealloc).
     Boot {
         /// Boots to time.
         #[arg(long, default_value_t = 20)]
@@ -115,6 +116,10 @@ enum BenchCommand {
         /// Iterations of the native compute loop (the emulated one runs 1/10000 of these).
         #[arg(long, default_value_t = 1_000_000_000)]
         iters: u64,
+        /// Lazy boots per RAM size (512M, 2G, 4G on hugetlb/hugetlb; one --prealloc boot
+        /// each) in the boot-scaling table; 0 skips it.
+        #[arg(long, default_value_t = 3)]
+        scaling_runs: u32,
     },
     /// Control socket: `stats` round trip while the guest converts at full rate, and the
     /// conversion rate with and without a client polling `stats` (and, as the noise floor,
@@ -148,7 +153,12 @@ impl BenchCommand {
                 ms: *ms,
                 size: *size,
             },
-            BenchCommand::Boot { runs, iters } => bench::Bench::Boot {
+            BenchCommand::Boot {
+                runs,
+                iters,
+                scaling_runs,
+            } => bench::Bench::Boot {
+                scaling_runs: *scaling_runs,
                 runs: *runs,
                 iters: *iters,
             },

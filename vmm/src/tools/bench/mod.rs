@@ -34,6 +34,8 @@ pub enum Bench {
         runs: u32,
         /// Iterations of the native compute loop.
         iters: u64,
+        /// Lazy boots per RAM size in the hugetlb scaling table (0: skip it).
+        scaling_runs: u32,
     },
     /// `vmm bench api`.
     Api(api::ApiBenchOptions),
@@ -44,7 +46,11 @@ pub fn run(bench: &Bench) -> Result<String, BenchError> {
     match bench {
         Bench::Io { secs } => io(*secs),
         Bench::Pool { ms, size } => pool(*ms, *size),
-        Bench::Boot { runs, iters } => boot(*runs, *iters),
+        Bench::Boot {
+            runs,
+            iters,
+            scaling_runs,
+        } => boot(*runs, *iters, *scaling_runs),
         Bench::Api(opts) => Ok(api::run(opts)?),
     }
 }
