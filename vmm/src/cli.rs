@@ -217,6 +217,9 @@ pub struct ConformArgs {
     /// Longest a cell may run, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     timeout: u64,
+    /// Confidential platform every cell runs on (its acceptance lifecycle): tdx or snp.
+    #[arg(long, value_name = "tdx|snp", default_value = "tdx")]
+    platform: Platform,
 }
 
 /// Flags of `vmm run`.
@@ -387,6 +390,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         mem: args.mem,
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
+        platform: args.platform,
     };
     match conform::run(&opts) {
         Ok(outcome) => {

@@ -250,7 +250,24 @@ impl Engine {
 
     /// The acceptance figures for a snapshot.
     pub fn lifecycle_inputs(&self) -> LifecycleInputs {
+        let private = self.store(Side::Private);
+        let holes = self.acc.holes();
+        let bound = if !self.lazy {
+            self.size
+        } else if private.kind().is_huge() {
+            (0..self.attrs.nchunks())
+                .filter(|&c| !holes.get(c) && self.attrs.private_in_chunk(c) > 0)
+                .count() as u64
+                * HUGE_PAGE_SIZE
+        } else {
+            (0..self.attrs.nchunks())
+                .filter(|&c| !holes.get(c))
+                .map(|c| self.attrs.private_in_chunk(c))
+                .sum::<u64>()
+                * PAGE_SIZE
+        };
         LifecycleInputs {
+            private_backing_bound_bytes: bound,
             platform: self.acc.platform(),
             prealloc: !self.lazy,
             accepted_bytes: self.acc.accepted_pages() * PAGE_SIZE,

@@ -39,6 +39,11 @@ pub struct LifecycleSnapshot {
     pub accepted_bytes: u64,
     /// 2 MiB chunks cut out of the guest's view now (private, nothing accepted).
     pub unaccepted_chunks: u64,
+    /// Most the private store may hold now (lazy): nothing for unaccepted chunks; a hugetlb
+    /// store 2 MiB per other chunk holding private pages (an accepted page needs its whole
+    /// huge page; a mixed chunk keeps one), a 4 KiB store its private pages outside unaccepted
+    /// chunks. With `prealloc`, all private RAM.
+    pub private_backing_bound_bytes: u64,
     /// Pages accepted by the guest, in total.
     pub accepted_pages: u64,
     /// Rescind entries.
@@ -74,6 +79,8 @@ pub struct LifecycleInputs {
     pub accepted_bytes: u64,
     /// Chunks cut out now.
     pub unaccepted_chunks: u64,
+    /// Most the private store may hold: see [`LifecycleSnapshot::private_backing_bound_bytes`].
+    pub private_backing_bound_bytes: u64,
 }
 
 impl LifecycleSnapshot {
@@ -89,6 +96,7 @@ impl LifecycleSnapshot {
             prealloc: inp.prealloc,
             accepted_bytes: inp.accepted_bytes,
             unaccepted_chunks: inp.unaccepted_chunks,
+            private_backing_bound_bytes: inp.private_backing_bound_bytes,
             accepted_pages: c.accepted_pages,
             rescind_entries: c.rescind_entries,
             rescinded_pages: c.rescinded_pages,

@@ -78,6 +78,8 @@ pub struct ConformOptions {
     pub extra_cmdline: String,
     /// Longest a cell may run.
     pub timeout: Duration,
+    /// The platform every cell runs on (`--platform`).
+    pub platform: memconv::Platform,
 }
 
 /// Everything a finished suite produced.
@@ -130,6 +132,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
         .args(["--private", &cell.private.to_string()])
         .args(["--shared", &cell.shared.to_string()])
         .args(["--granularity", &cell.granularity.to_string()])
+        .args(["--platform", opts.platform.as_str()])
         .arg("--disk")
         .arg(&disk)
         .args(["--disk-size", "64M"])
