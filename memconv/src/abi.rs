@@ -27,7 +27,8 @@
 //! vCPU i owns the shared page `MAILBOX_BASE_GPA + i * 4096`: a [`MailboxHeader`] followed by
 //! up to [`MAILBOX_MAX_ENTRIES`] [`MailboxEntry`] (for `OP_CONVERT` / `OP_ACCEPT`) or a
 //! payload (for `OP_REPORT`). The guest fills it, then writes its vCPU index (u32) to
-//! `DOORBELL_PORT`. The host processes entries `cur_entry..end_entry`, writes each entry's
+//! `DOORBELL_PORT`; the host checks that value: any other (another vCPU's index, an index out of
+//! range) is refused without touching any mailbox and counted (`doorbell_mismatch`). The host processes entries `cur_entry..end_entry`, writes each entry's
 //! `status`, advances `cur_entry` past the entries it processed and sets the header `status`
 //! (`STATUS_OK`, or the first error). The host may stop before `end_entry`; the guest rings
 //! again until `cur_entry == end_entry`. One doorbell can carry up to 169 ranges.
@@ -228,14 +229,17 @@ pub const ERR_INVALID_ATTRS: u32 = 7;
 pub const ERR_BAD_REQUEST: u32 = 8;
 /// Error: the host failed internally; the range is left as it was.
 pub const ERR_INTERNAL: u32 = 9;
+/// Error: a device access to the range was still in flight after the host's bounded wait
+/// (the DMA fence); nothing changed, retry.
+pub const ERR_BUSY: u32 = 10;
 /// Error: an ACCEPT covers a shared page (a shared chunk, or a mixed one): only private
 /// memory can be accepted.
-pub const ERR_ACCEPT_SHARED: u32 = 10;
+pub const ERR_ACCEPT_SHARED: u32 = 11;
 /// Error (SNP): a conversion to shared covers a page that is still validated; rescind it
 /// first ([`ACCEPT_FLAG_RESCIND`]).
-pub const ERR_MUST_RESCIND: u32 = 11;
+pub const ERR_MUST_RESCIND: u32 = 12;
 /// Number of distinct status codes (for per-code counters).
-pub const STATUS_COUNT: usize = 12;
+pub const STATUS_COUNT: usize = 13;
 
 /// Human-readable name of a status code.
 pub const fn status_name(status: u32) -> &'static str {
@@ -250,6 +254,7 @@ pub const fn status_name(status: u32) -> &'static str {
         ERR_INVALID_ATTRS => "invalid_attrs",
         ERR_BAD_REQUEST => "bad_request",
         ERR_INTERNAL => "internal",
+        ERR_BUSY => "busy",
         ERR_ACCEPT_SHARED => "accept_shared",
         ERR_MUST_RESCIND => "must_rescind",
         _ => "unknown",

@@ -6,11 +6,12 @@
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes), [`acceptance`] (per-4K acceptance, the platform's rules, unaccepted
 //! chunks cut out of the view), [`layout`] (guest view and memslot layout), [`engine`]
-//! (validate, convert, accept; owns the counters), [`status`] ([`ConversionError`], the typed
+//! (validate, convert, accept; owns the counters), [`fence`] (device accesses and conversions
+//! exclude each other: pins and the lock-free shared bitmap), [`status`] ([`ConversionError`], the typed
 //! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
-//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`service`]
-//! ([`ConversionService`]), [`host_vm`] ([`HostVm`], what memconv needs from KVM), [`ram`]
-//! (configuration).
+//! report, snapshot, summary), [`measure`] (kernel-measured allocation), [`log_limit`] (the
+//! rate limit of guest-caused log lines), [`service`] ([`ConversionService`]), [`host_vm`]
+//! ([`HostVm`], what memconv needs from KVM), [`ram`] (configuration).
 #![cfg_attr(not(feature = "host"), no_std)]
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -24,9 +25,13 @@ pub mod bitmap;
 #[cfg(feature = "host")]
 pub mod engine;
 #[cfg(feature = "host")]
+pub mod fence;
+#[cfg(feature = "host")]
 pub mod host_vm;
 #[cfg(feature = "host")]
 pub mod layout;
+#[cfg(feature = "host")]
+pub mod log_limit;
 #[cfg(feature = "host")]
 pub mod mailbox;
 #[cfg(feature = "host")]
@@ -46,11 +51,13 @@ pub mod store;
 mod tests;
 
 #[cfg(feature = "host")]
+pub use fence::{DmaPin, FenceError};
+#[cfg(feature = "host")]
 pub use host_vm::HostVm;
 #[cfg(feature = "host")]
 pub use ram::{Granularity, Platform, RamConfig};
 #[cfg(feature = "host")]
-pub use service::{AccessError, ConversionService, Error, MailboxOutcome};
+pub use service::{ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]
 pub use stats::StatsSnapshot;
 #[cfg(feature = "host")]

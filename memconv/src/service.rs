@@ -11,8 +11,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use crate::abi::{self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, MAILBOX_BASE_GPA, PAGE_SIZE};
 use crate::bitmap::Side;
 use crate::engine::{Engine, EngineError};
+use crate::fence::{DmaPin, Fence, FenceError, FenceStats, DEFAULT_WAIT_BOUND};
 use crate::host_vm::HostVm;
 use crate::layout::{LayoutError, View};
+use crate::log_limit::LogLimiter;
 use crate::mailbox::{self, Request, Snapshot};
 use crate::measure;
 use crate::ram::RamConfig;
@@ -34,25 +36,6 @@ pub enum MailboxOutcome {
     Report(PoolReportSnapshot),
     /// The mailbox was malformed (its code is also written to the header when possible).
     Rejected(ConversionError),
-}
-
-/// A device access that is not allowed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AccessError {
-    /// The range is not inside guest RAM (or overflows).
-    #[error("range {gpa:#x}+{len:#x} is not inside guest RAM")]
-    OutOfRam {
-        /// Start.
-        gpa: u64,
-        /// Length.
-        len: u64,
-    },
-    /// The page at `gpa` is private.
-    #[error("page at {gpa:#x} is private")]
-    NotShared {
-        /// First private byte of the range.
-        gpa: u64,
-    },
 }
 
 /// Errors creating the service.
@@ -98,6 +81,7 @@ pub struct ConversionService {
     private_mem: GuestMemoryMmap<()>,
     shared_mem: GuestMemoryMmap<()>,
     engine: Mutex<Engine>,
+    fence: Arc<Fence>,
     cfg: RamConfig,
     shared_base: usize,
 }
@@ -238,11 +222,13 @@ impl ConversionService {
         let private_mem = guest_memory(&private)?;
         let shared_mem = guest_memory(&shared)?;
         let shared_base = shared.base() as usize;
-        let engine = Engine::new(&cfg, private, shared, view, host)?;
+        let fence = Arc::new(Fence::new(size, DEFAULT_WAIT_BOUND));
+        let engine = Engine::new(&cfg, private, shared, view, host, fence.clone())?;
         Ok(ConversionService {
             private_mem,
             shared_mem,
             engine: Mutex::new(engine),
+            fence,
             cfg,
             shared_base,
         })
@@ -268,7 +254,8 @@ impl ConversionService {
         &self.private_mem
     }
 
-    /// vm-memory view of the SHARED store, GPA 0..size (devices: call check_shared first).
+    /// vm-memory view of the SHARED store, GPA 0..size (devices: access it only under a
+    /// [`ConversionService::pin_shared`] pin).
     pub fn shared_memory(&self) -> &GuestMemoryMmap<()> {
         &self.shared_mem
     }
@@ -304,12 +291,30 @@ impl ConversionService {
             Request::Convert { cur, end } | Request::Accept { cur, end } => {
                 let convert = matches!(req, Request::Convert { .. });
                 let mut first = Ok(());
+                let mut refused = 0u32;
                 for i in cur..end {
                     let en = snap.entry(i);
                     let st = e.mailbox_entry(convert, en.gpa, en.npages, en.attrs as u64);
+                    refused += u32::from(st.is_err());
                     first = first.and(st);
                     // SAFETY: as above.
                     unsafe { mailbox::write_entry_status(ptr, i, status::to_abi(st)) };
+                }
+                if tracing::enabled!(tracing::Level::DEBUG) && cur < end {
+                    // Debug diagnostics at a readable rate, whatever the batch rate.
+                    static BATCHES: LogLimiter = LogLimiter::new(10);
+                    if BATCHES.allow() {
+                        let en = snap.entry(cur);
+                        tracing::debug!(
+                            "{} batch: vCPU {cpu} {} entries ({refused} refused), first {:#x} +{} pages attrs {:#x} ({} batches not shown so far)",
+                            if convert { "conversion" } else { "accept" },
+                            end - cur,
+                            en.gpa,
+                            en.npages,
+                            en.attrs,
+                            BATCHES.suppressed()
+                        );
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { mailbox::write_header(ptr, Some(end), status::to_abi(first)) };
@@ -363,15 +368,23 @@ impl ConversionService {
         self.lock().unaccepted_access(gpa)
     }
 
-    /// Ok only if every page of `[gpa, gpa+len)` is in RAM and shared.
-    pub fn check_shared(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        self.lock().check_shared(gpa, len).map_err(|(g, ram)| {
-            if ram {
-                AccessError::NotShared { gpa: g }
-            } else {
-                AccessError::OutOfRam { gpa, len }
-            }
-        })
+    /// The device-side fence (see [`crate::fence`]): pin the chunks of every range `(gpa,
+    /// len)` and check every range is RAM and shared, in one pass without the engine lock.
+    /// No conversion of those chunks runs while the pin lives; `Busy` means a conversion
+    /// holds one of them now (retry; never wait while holding another pin).
+    pub fn pin_shared(&self, ranges: &[(u64, u64)]) -> Result<DmaPin<'_>, FenceError> {
+        self.fence.pin(ranges)
+    }
+
+    /// Ok only if every page of `[gpa, gpa+len)` is in RAM and shared now (a snapshot, no
+    /// pin: devices use [`ConversionService::pin_shared`]).
+    pub fn check_shared(&self, gpa: u64, len: u64) -> Result<(), FenceError> {
+        self.fence.check_shared(gpa, len)
+    }
+
+    /// The fence's counters.
+    pub fn fence_stats(&self) -> FenceStats {
+        self.fence.stats()
     }
 
     /// Is the page at `gpa` private (false outside RAM)?
@@ -385,7 +398,9 @@ impl ConversionService {
     pub fn stats(&self) -> StatsSnapshot {
         let mut e = self.lock();
         let inputs = measure::snapshot_inputs(&e);
-        e.snapshot(inputs)
+        let mut snap = e.snapshot(inputs);
+        snap.fence = self.fence.stats();
+        snap
     }
 }
 

@@ -36,6 +36,9 @@ pub enum ConversionError {
     /// The host failed internally.
     #[error("internal error")]
     Internal,
+    /// A device access to the range did not finish within the fence's bound; retry.
+    #[error("busy: a device access is in flight; retry")]
+    Busy,
     /// An ACCEPT covered a shared page (of a shared or a mixed chunk).
     #[error("accept of shared memory")]
     AcceptShared,
@@ -59,6 +62,7 @@ impl ConversionError {
         ConversionError::InvalidAttrs,
         ConversionError::BadRequest,
         ConversionError::Internal,
+        ConversionError::Busy,
         ConversionError::AcceptShared,
         ConversionError::MustRescind,
     ];
@@ -75,6 +79,7 @@ impl ConversionError {
             ConversionError::InvalidAttrs => abi::ERR_INVALID_ATTRS,
             ConversionError::BadRequest => abi::ERR_BAD_REQUEST,
             ConversionError::Internal => abi::ERR_INTERNAL,
+            ConversionError::Busy => abi::ERR_BUSY,
             ConversionError::AcceptShared => abi::ERR_ACCEPT_SHARED,
             ConversionError::MustRescind => abi::ERR_MUST_RESCIND,
         }

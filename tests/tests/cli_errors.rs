@@ -107,7 +107,7 @@ fn guest_that_does_not_fit_in_ram() {
 #[test]
 fn missing_kvm_device() {
     let o = Command::new(vmm_bin())
-        .args(["run", "--mem", "64M"])
+        .args(["run", "--guest", "hello", "--mem", "64M"])
         .env("VMM_KVM_DEVICE", "/dev/no-such-kvm")
         .output()
         .unwrap();
@@ -125,7 +125,7 @@ fn no_permission_on_kvm() {
             "--clear-groups",
             vmm_bin(),
         ])
-        .args(["run", "--mem", "64M"])
+        .args(["run", "--guest", "hello", "--mem", "64M"])
         .output()
         .expect("setpriv (util-linux) is installed");
     let err = stderr(&o);

@@ -240,6 +240,8 @@ fn too_few_huge_pages_is_a_clear_error() {
     // 60 GiB of hugetlb-backed RAM backed up front cannot be satisfied here.
     let args = [
         "run",
+        "--guest",
+        "hello",
         "--mem",
         "60G",
         "--private",
@@ -262,7 +264,9 @@ fn too_few_huge_pages_is_a_clear_error() {
 #[test]
 fn gmem_is_private_only() {
     require_kvm();
-    let o = vmm(&["run", "--mem", "64M", "--shared", "gmem"]);
+    let o = vmm(&[
+        "run", "--guest", "hello", "--mem", "64M", "--shared", "gmem",
+    ]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("gmem"), "{}", stderr(&o));
 }

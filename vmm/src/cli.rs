@@ -14,8 +14,10 @@ use memconv::{Granularity, Platform, StoreKind};
 use crate::config::{parse_size, ConfigError, DiskConfig, ExecMode, VmConfig};
 use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::fixtures::{self, FixtureError};
+use crate::guest_cmdline;
+use crate::main_job::{self, TempDisk};
 use crate::run;
-use crate::tools::{bench, conform, ctl};
+use crate::tools::{bench, conform, ctl, metrics_http};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a guest (by default the embedded `hello` fixture) and run it to its end.
+    /// Boot a guest and run it to its end. With no --guest: the main job, ~2 s of verified DMA
+    /// through the io guest's bounce pool on a temporary disk.
     Run(RunArgs),
     /// List the embedded guest fixtures.
     Fixtures,
@@ -94,6 +97,13 @@ enum BenchCommand {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2)]
         secs: u64,
+        /// Runs of each disk data path (preadv/pwritev vs the old mmap path) in the
+        /// side-by-side comparison, interleaved A/B.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Only the data-path comparison (skip the per-policy table).
+        #[arg(long)]
+        data_path_only: bool,
     },
     /// Pool map+unmap operations per second inside the VM, per policy and vCPU count (the
     /// host-side twin: `cargo run --release -p swiotlb --features host --example bench_host`
@@ -148,7 +158,15 @@ impl BenchCommand {
     /// The benchmark these flags ask for.
     fn to_bench(&self) -> bench::Bench {
         match self {
-            BenchCommand::Io { secs } => bench::Bench::Io { secs: *secs },
+            BenchCommand::Io {
+                secs,
+                repeats,
+                data_path_only,
+            } => bench::Bench::Io(bench::IoBenchOptions {
+                secs: *secs,
+                repeats: *repeats,
+                data_path_only: *data_path_only,
+            }),
             BenchCommand::Pool { ms, size } => bench::Bench::Pool {
                 ms: *ms,
                 size: *size,
@@ -217,6 +235,10 @@ pub struct ConformArgs {
     /// Longest a cell may run, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     timeout: u64,
+    /// Keep each cell's 64 MiB disk image under DIR/cells/ (removed when the cell is done by
+    /// default).
+    #[arg(long)]
+    keep: bool,
     /// Confidential platform every cell runs on (its acceptance lifecycle): tdx or snp.
     #[arg(long, value_name = "tdx|snp", default_value = "tdx")]
     platform: Platform,
@@ -225,19 +247,21 @@ pub struct ConformArgs {
 /// Flags of `vmm run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// An embedded fixture name (see `vmm fixtures`) or a path to a guest ELF.
-    #[arg(long, value_name = "NAME|PATH", default_value = fixtures::DEFAULT_FIXTURE)]
-    guest: String,
+    /// An embedded fixture name (see `vmm fixtures`) or a path to a guest ELF. Without it:
+    /// the main job (the io guest on a temporary disk, ~2 s; `--guest hello` for the hello).
+    #[arg(long, value_name = "NAME|PATH")]
+    guest: Option<String>,
     /// Guest RAM: bytes or K/M/G suffix, a multiple of 2M.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = size)]
     mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u32,
+    /// Number of vCPUs (default 1; the main job: 2).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
     /// Write the guest's serial console to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
-    /// Guest command line, "key=value ...".
+    /// Guest command line, "key=value ..."; checked against the keys the fixture declares.
+    /// With no --guest, appended to the main job's.
     #[arg(long, value_name = "ARGS", default_value = "")]
     cmdline: String,
     /// Execution mode (default: native where the host allows).
@@ -275,6 +299,10 @@ pub struct RunArgs {
     /// Serve the control socket at PATH while the VM runs (see `vmm ctl`).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics while the VM runs; a bare PORT
+    /// listens on 127.0.0.1 only.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = metrics_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Do not print the summary.
     #[arg(long)]
     quiet: bool,
@@ -283,6 +311,11 @@ pub struct RunArgs {
 /// `--mem`, `--disk-size`: a size like `512M`, parsed by clap (its errors exit with status 2).
 fn size(text: &str) -> Result<u64, ConfigError> {
     parse_size(text)
+}
+
+/// `--metrics-addr`: `PORT` (loopback) or `ADDR:PORT`.
+fn metrics_addr(text: &str) -> Result<std::net::SocketAddr, metrics_http::MetricsHttpError> {
+    metrics_http::parse_addr(text)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -296,26 +329,52 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr must not make tracing report its own write errors.
+        .log_internal_errors(false)
         .try_init();
 }
 
 impl RunArgs {
-    fn disk_config(&self) -> Option<DiskConfig> {
-        self.disk.as_ref().map(|path| DiskConfig {
-            path: path.clone(),
+    /// Whether this is the main job (no `--guest`).
+    fn main_job(&self) -> bool {
+        self.guest.is_none()
+    }
+
+    fn disk_config(&self, temp: Option<&TempDisk>) -> Option<DiskConfig> {
+        let path = self
+            .disk
+            .clone()
+            .or_else(|| temp.map(|t| t.path().to_path_buf()))?;
+        Some(DiskConfig {
+            path,
             create_size: self.disk_size,
             idle_us: self.disk_idle_us,
+            io: crate::devices::DiskIo::Vectored,
         })
     }
 
-    /// The VM configuration; [`run::run_vm_with_options`] validates it.
-    fn to_config(&self) -> Result<VmConfig, FixtureError> {
+    /// The guest command line: the main job's with `--cmdline` appended, or `--cmdline`.
+    fn guest_cmdline(&self) -> String {
+        if self.main_job() {
+            format!("{} {}", main_job::CMDLINE, self.cmdline)
+                .trim()
+                .to_string()
+        } else {
+            self.cmdline.clone()
+        }
+    }
+
+    /// The VM configuration (`temp`: the main job's disk); [`run::run_vm_with_options`]
+    /// validates it.
+    fn to_config(&self, temp: Option<&TempDisk>) -> Result<VmConfig, FixtureError> {
+        let guest = self.guest.as_deref().unwrap_or(main_job::GUEST);
+        let default_cpus = if self.main_job() { main_job::CPUS } else { 1 };
         Ok(VmConfig {
-            guest: fixtures::resolve(&self.guest)?,
+            guest: fixtures::resolve(guest)?,
             mem: self.mem,
-            cpus: self.cpus,
+            cpus: self.cpus.unwrap_or(default_cpus),
             serial: self.serial.clone(),
-            cmdline: self.cmdline.clone(),
+            cmdline: self.guest_cmdline(),
             exec: self.exec,
             private: self.private,
             shared: self.shared,
@@ -323,29 +382,101 @@ impl RunArgs {
             platform: self.platform,
             prealloc: self.prealloc,
             stats_json: self.stats_json.clone(),
-            disk: self.disk_config(),
+            disk: self.disk_config(temp),
         })
     }
 }
 
 fn cmd_run(args: &RunArgs) -> ExitCode {
-    let cfg = match args.to_config() {
+    // First, before any thread exists: every thread spawned later inherits the signal mask.
+    let signals = match crate::signals::SignalStop::install() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // Checked before anything is created: a typo is a usage error, not a silent default.
+    let cfg = match args.to_config(None) {
         Ok(cfg) => cfg,
         Err(e) => return fail(e),
     };
-    let opts = run::RunOptions {
+    // The limits first (a bad --cpus is reported as such), then the guest's keys.
+    if let Err(e) = cfg.validate() {
+        return fail(e);
+    }
+    if let Err(e) = guest_cmdline::check(&cfg.guest, &cfg.cmdline, cfg.cpus) {
+        return fail(e);
+    }
+    let metrics = match args.metrics_addr.map(metrics_http::MetricsServer::bind) {
+        Some(Ok(server)) => Some(server),
+        Some(Err(e)) => return fail(e),
+        None => None,
+    };
+    // Removed when this function returns, whichever way: a stop signal ends the VM cleanly
+    // and returns here; a forced (second) signal removes it before exiting.
+    let temp_disk = if args.main_job() && args.disk.is_none() {
+        match TempDisk::create(main_job::DISK_SIZE) {
+            Ok(d) => {
+                signals.remove_on_forced_exit(d.path());
+                Some(d)
+            }
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
+    let cfg = VmConfig {
+        disk: args.disk_config(temp_disk.as_ref()),
+        ..cfg
+    };
+    // Opened (created or truncated) before boot: an unwritable path is refused now, not after
+    // the run.
+    let mut stats_file = match &cfg.stats_json {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(format!("cannot write --stats-json {}: {e}", path.display())),
+        },
+        None => None,
+    };
+    let mut opts = run::RunOptions {
         api_socket: args.api_socket.clone(),
+        signals: Some(signals),
         ..Default::default()
     };
+    if let Some(server) = metrics {
+        let _ = writeln!(
+            std::io::stderr(),
+            "vmm: metrics at http://{}/metrics",
+            server.addr()
+        );
+        opts.observer = Some(Box::new(server));
+    }
+    if args.main_job() && !args.quiet {
+        let _ = writeln!(
+            std::io::stdout(),
+            "vmm: the main job: the io guest does ~2 s of verified DMA through its bounce pool \
+             (policy legacy unless --cmdline says otherwise) on a temporary disk; \
+             `vmm run --guest hello` boots the hello guest"
+        );
+    }
     let outcome = match run::run_vm_with_options(&cfg, opts) {
         Ok(o) => o,
-        Err(e) => return fail(e),
+        Err(e) => {
+            if let (Some(path), Some(f)) = (&cfg.stats_json, stats_file.take()) {
+                // Nothing was measured: leave no empty file behind.
+                drop(f);
+                let _ = std::fs::remove_file(path);
+            }
+            return fail(e);
+        }
     };
     let summary = &outcome.summary;
-    if let Some(path) = &cfg.stats_json {
+    if let (Some(path), Some(file)) = (&cfg.stats_json, stats_file.as_mut()) {
         let written = serde_json::to_vec_pretty(summary)
             .map_err(|e| e.to_string())
-            .and_then(|json| std::fs::write(path, json).map_err(|e| e.to_string()));
+            .and_then(|json| {
+                file.write_all(&json)
+                    .and_then(|()| file.flush())
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = written {
             let _ = writeln!(
                 std::io::stderr(),
@@ -366,10 +497,15 @@ fn cmd_run(args: &RunArgs) -> ExitCode {
         );
     }
     if !args.quiet {
+        // A closed stdout (EPIPE; SIGPIPE is ignored) loses the summary, nothing else.
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(summary.render().as_bytes());
+        if args.main_job() {
+            let _ = out.write_all(main_job::TRY_NEXT.as_bytes());
+        }
         let _ = out.flush();
     }
+    drop(temp_disk);
     ExitCode::from(outcome.exit_status())
 }
 
@@ -390,6 +526,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         mem: args.mem,
         extra_cmdline: args.cmdline.clone(),
         timeout: std::time::Duration::from_secs(args.timeout),
+        keep_disks: args.keep,
         platform: args.platform,
     };
     match conform::run(&opts) {
@@ -416,8 +553,24 @@ fn cmd_fixtures() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Opens /dev/null on any of fds 0, 1, 2 that is closed (`vmm run >&-`): otherwise the next
+/// file the VMM opens (a memfd of guest RAM, the disk image) would get that number and receive
+/// whatever is written to stdout or stderr.
+fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        // SAFETY: a NUL-terminated path; open(2) returns the lowest free descriptor, which is
+        // `fd` (all lower ones are open), and it stays open for the process's lifetime.
+        unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+    }
+}
+
 /// The `vmm` entry point.
 pub fn main() -> ExitCode {
+    ensure_std_fds();
     init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

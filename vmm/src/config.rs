@@ -121,6 +121,9 @@ pub struct DiskConfig {
     /// Microseconds the device's queue poller keeps polling without work before it sleeps
     /// (and asks the driver for a doorbell).
     pub idle_us: u64,
+    /// How data moves between the image and guest memory: preadv/pwritev for `vmm run`;
+    /// `vmm bench io` also measures the old mapped path as its baseline.
+    pub io: crate::devices::DiskIo,
 }
 
 impl VmConfig {

@@ -20,13 +20,17 @@ pub const EXIT_ALL_HALTED: u8 = 71;
 pub const EXIT_UNACCEPTED_ACCESS: u8 = 72;
 
 /// The exit status `vmm run` uses for an end reason: the guest's own code (saturated to 255),
-/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], [`EXIT_UNACCEPTED_ACCESS`], or [`EXIT_OK`] when the host stopped it.
+/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], [`EXIT_UNACCEPTED_ACCESS`], [`EXIT_OK`] when the
+/// host stopped it, or 128 + the signal's number when a stop signal did.
 pub fn exit_status(end: &VmEnd) -> u8 {
     match end {
         VmEnd::GuestExit { code, .. } => u8::try_from(*code).unwrap_or(u8::MAX),
-        VmEnd::Crash { .. } | VmEnd::HostError { .. } => EXIT_VM_CRASHED,
+        VmEnd::Crash { .. } | VmEnd::HostError { .. } | VmEnd::DeviceFailed { .. } => {
+            EXIT_VM_CRASHED
+        }
         VmEnd::AllHalted => EXIT_ALL_HALTED,
         VmEnd::UnacceptedAccess { .. } => EXIT_UNACCEPTED_ACCESS,
         VmEnd::Stopped => EXIT_OK,
+        VmEnd::Signal { number, .. } => u8::try_from(128 + number).unwrap_or(u8::MAX),
     }
 }

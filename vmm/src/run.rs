@@ -16,6 +16,7 @@ use crate::exit_codes::exit_status;
 use crate::fixtures::{self, FixtureError};
 use crate::pvm::{self, HostKind, PvmError};
 use crate::serial::{Console, SerialError};
+use crate::signals::SignalStop;
 use crate::vcpu::{self, ExitCounts, VcpuControl, VcpuError, VmEnd, VmShared};
 use crate::vm::{self, KvmVm, VmError, VmHost};
 
@@ -118,6 +119,10 @@ pub struct RunSummary {
     pub pool_timeline: Vec<vcpu::PoolSample>,
     /// The virtio block device's counters, when the VM had one.
     pub disk: Option<BlkStats>,
+    /// Guest-caused log lines suppressed by the rate limits: `memconv::log_limit` (process-wide,
+    /// so exactly this VM's under `vmm run`) plus the disk's failure log
+    /// (`disk.io_error_log_suppressed`).
+    pub suppressed_log_lines: u64,
 }
 
 impl RunSummary {
@@ -137,7 +142,9 @@ impl RunSummary {
                 "STOPPED: vCPU {cpu} touched unaccepted private memory at gpa {gpa:#x} (security violation)"
             ),
             VmEnd::Stopped => "stopped by the host".into(),
+            VmEnd::Signal { signal, number } => format!("stopped by signal {signal} ({number})"),
             VmEnd::HostError { cpu, error } => format!("host error on vCPU {cpu}: {error}"),
+            VmEnd::DeviceFailed { device, error } => format!("device {device} failed: {error}"),
         };
         out.push_str(&format!(
             "== vmm summary ==\nguest: {}  mem: {} MiB  cpus: {}  host: {}  exec: {}\n",
@@ -148,13 +155,13 @@ impl RunSummary {
             if self.native { "native" } else { "emulated" },
         ));
         out.push_str(&format!(
-            "end: {end}  status: {}\ntime: setup {:.2} ms, first serial byte {}, total {:.2} ms\n",
+            "end: {end}  status: {}\ntime: setup {}, first serial byte {}, total {}\n",
             self.exit_status,
-            self.timings.setup_ms,
+            ms_text(self.timings.setup_ms),
             self.timings
                 .first_serial_byte_ms
-                .map_or("-".to_string(), |t| format!("{t:.2} ms")),
-            self.timings.total_ms,
+                .map_or("-".to_string(), ms_text),
+            ms_text(self.timings.total_ms),
         ));
         out.push_str("exits: cpu total io_out io_in serial doorbell unknown_port mmio hlt hypercall interrupted\n");
         for (cpu, e) in self.exits.iter().enumerate() {
@@ -183,13 +190,13 @@ impl RunSummary {
         out.push_str(&self.memconv.summary());
         if let Some(p) = &self.memconv.pool_report {
             out.push_str(&format!(
-                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {:.3} ms, \
+                "guest pool '{}' (latest report): conversions 4k {} 2m {} other {}, throttle wait {}, \
                  transient maps {}, grow {} shrink {}, io requests {} errors {}\n",
                 p.policy,
                 p.conversions_4k,
                 p.conversions_2m,
                 p.conversions_other,
-                p.throttle_wait_ns as f64 / 1e6,
+                memconv::stats::units::duration(p.throttle_wait_ns),
                 p.transient_maps,
                 p.grow_events,
                 p.shrink_events,
@@ -199,6 +206,19 @@ impl RunSummary {
         }
         if let Some(d) = &self.disk {
             out.push_str(&d.render());
+        }
+        let mismatched: u64 = self.exits.iter().map(|e| e.doorbell_mismatch).sum();
+        if mismatched > 0 {
+            out.push_str(&format!(
+                "doorbells refused (value not the ringing vCPU's index): {mismatched}\n"
+            ));
+        }
+        if self.suppressed_log_lines > 0 {
+            out.push_str(&format!(
+                "log: {} guest-caused warning lines suppressed by rate limits (at most {} per second each)\n",
+                self.suppressed_log_lines,
+                memconv::log_limit::GUEST_LOG.per_second()
+            ));
         }
         out
     }
@@ -231,7 +251,7 @@ pub fn run_vm_with_console(
         cfg,
         RunOptions {
             console,
-            api_socket: None,
+            ..Default::default()
         },
     )
 }
@@ -243,6 +263,30 @@ pub struct RunOptions {
     pub console: Option<Console>,
     /// Serve the control socket at this path while the VM runs (`--api-socket`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// Stop signals end this VM (`vmm run`: [`SignalStop::install`] before anything else).
+    pub signals: Option<Arc<SignalStop>>,
+    /// Told when the vCPUs start and when the VM has ended (e.g. the `--metrics-addr` HTTP
+    /// server, which lives in the tools and reads the running VM's statistics).
+    pub observer: Option<Box<dyn LiveObserver>>,
+}
+
+/// A running VM, as an observer sees it: what the control socket's `stats` reads.
+#[derive(Clone)]
+pub struct LiveVm {
+    /// What the vCPU threads share (memconv, exit counts, vCPU control).
+    pub shared: Arc<VmShared>,
+    /// When the VM was created.
+    pub created: Instant,
+    /// vCPUs.
+    pub cpus: u32,
+}
+
+/// Something that runs beside a VM from its start to its end.
+pub trait LiveObserver: Send {
+    /// The vCPUs have started.
+    fn started(&mut self, vm: LiveVm);
+    /// The VM has ended (every vCPU thread has returned); stop using it.
+    fn ended(&mut self);
 }
 
 /// Like `run_vm`, with [`RunOptions`].
@@ -250,6 +294,8 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let RunOptions {
         console,
         api_socket,
+        signals,
+        mut observer,
     } = opts;
     cfg.validate()?;
     let image = fixtures::load(&cfg.guest)?;
@@ -258,6 +304,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         Some(path) => Some(crate::api::ApiSocket::bind(path)?),
         None => None,
     };
+    if let (Some(stop), Some(socket)) = (&signals, &api_socket) {
+        stop.set_socket(socket.path());
+    }
     let console = match console {
         Some(c) => c,
         None => Console::new(cfg.serial.as_deref())?,
@@ -292,7 +341,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
 
     let devices = match &cfg.disk {
         Some(d) => {
-            let disk = crate::devices::Disk::open(&d.path, d.create_size)?;
+            let disk = crate::devices::Disk::open_with(&d.path, d.create_size, d.io)?;
             let blk = BlockDevice::new(
                 disk,
                 memconv.clone(),
@@ -360,10 +409,6 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let control = Arc::new(VcpuControl::new(cfg.cpus));
     host.attach_vcpus(Arc::clone(&control));
     let devices = Arc::new(devices);
-    let poller = match devices.block() {
-        Some(blk) => Some(blk.spawn_poller()?),
-        None => None,
-    };
     let shared = Arc::new(
         VmShared::new(
             Arc::clone(&memconv),
@@ -373,6 +418,24 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         )
         .with_devices(Arc::clone(&devices)),
     );
+    if let Some(stop) = &signals {
+        stop.attach(&shared);
+    }
+    let poller = match devices.block() {
+        Some(blk) => {
+            let on_panic = {
+                let shared = Arc::clone(&shared);
+                move |msg: String| {
+                    shared.end(VmEnd::DeviceFailed {
+                        device: "virtio-blk".into(),
+                        error: format!("device thread panicked: {msg}"),
+                    })
+                }
+            };
+            Some(blk.spawn_poller_guarded(on_panic)?)
+        }
+        None => None,
+    };
     let setup_ms = ms(created.elapsed());
     let mut threads = Vec::with_capacity(vcpus.len());
     for (cpu, fd) in vcpus.into_iter().enumerate() {
@@ -389,6 +452,13 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
                 RunError::Thread { cpu, source }
             })?;
         threads.push(handle);
+    }
+    if let Some(o) = observer.as_mut() {
+        o.started(LiveVm {
+            shared: Arc::clone(&shared),
+            created,
+            cpus: cfg.cpus,
+        });
     }
 
     let end = match api_socket {
@@ -413,7 +483,13 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             tracing::error!("a vCPU thread panicked");
         }
     }
+    if let Some(stop) = &signals {
+        stop.detach();
+    }
     let total_ms = ms(created.elapsed());
+    if let Some(o) = observer.as_mut() {
+        o.ended();
+    }
     shared.console.flush();
     if let Some(blk) = devices.block() {
         blk.stop();
@@ -424,6 +500,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         }
     }
 
+    let disk = devices.block().map(|b| b.stats());
     let summary = RunSummary {
         config: cfg.clone(),
         host: match host_kind {
@@ -445,11 +522,24 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         unknown_ports: shared.unknown_ports(),
         vcpu_pauses: control.pause_count(),
         serial_bytes: shared.console.bytes_written(),
-        memconv: memconv.stats(),
+        memconv: {
+            // One pause counter everywhere: the vCPU control's, which counts memconv's
+            // memslot-edit pauses and control-socket pauses alike.
+            let mut stats = memconv.stats();
+            stats.vcpu_pauses = control.pause_count();
+            stats
+        },
         pool_timeline: shared.pool_timeline(),
-        disk: devices.block().map(|b| b.stats()),
+        suppressed_log_lines: memconv::log_limit::GUEST_LOG.suppressed()
+            + disk.as_ref().map_or(0, |d| d.io_error_log_suppressed),
+        disk,
     };
     Ok(RunOutcome { summary })
+}
+
+/// Milliseconds in the one unit convention of the readable views (`39.1 ms`, `5.2 s`).
+fn ms_text(ms: f64) -> String {
+    memconv::stats::units::duration((ms * 1e6) as u64)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -1,5 +1,7 @@
 //! The 16550 serial console on COM1 (vm-superio), writing to stdout or a file, and noting when
-//! the guest's first byte arrived (for the boot benchmark).
+//! the guest's first byte arrived (for the boot benchmark). A closed output (EPIPE: stdout piped
+//! into a reader that went away) is noted once and the guest's later bytes are discarded; other
+//! write errors (a full disk, `/dev/full`) are rate-limited warnings, never one per byte.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -39,6 +41,8 @@ pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     first_byte: OnceLock<Instant>,
     bytes: u64,
+    /// The reader went away (EPIPE): output is discarded from then on.
+    closed: bool,
 }
 
 impl Write for ConsoleSink {
@@ -47,9 +51,22 @@ impl Write for ConsoleSink {
             self.first_byte.get_or_init(Instant::now);
             self.bytes += buf.len() as u64;
         }
-        self.out.write(buf)
+        if self.closed {
+            return Ok(buf.len());
+        }
+        match self.out.write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                tracing::warn!("serial output closed ({e}); the guest's console output is discarded from now on");
+                Ok(buf.len())
+            }
+            other => other,
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
         self.out.flush()
     }
 }
@@ -81,6 +98,7 @@ impl Console {
             out,
             first_byte: OnceLock::new(),
             bytes: 0,
+            closed: false,
         };
         Self {
             serial: Mutex::new(Serial::new(NoInterrupt, sink)),
@@ -91,7 +109,7 @@ impl Console {
     pub fn write(&self, offset: u8, value: u8) {
         let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = serial.write(offset, value) {
-            tracing::warn!("serial write failed: {e:?}");
+            memconv::guest_warn!("serial write failed: {e:?}");
         }
     }
 

@@ -91,6 +91,11 @@ struct Run {
 /// Runs `code` on one real-mode vCPU (DS based at `PROBE_MMIO`, ES at `UNMAPPED_MMIO`) until
 /// the VM ends or 20 s pass.
 fn run_snippet(code: &[u8]) -> Run {
+    run_snippet_with(code, None)
+}
+
+/// [`run_snippet`] with one more device on a port window of two.
+fn run_snippet_with(code: &[u8], extra: Option<(u16, Arc<dyn BusDevice>)>) -> Run {
     vcpu::install_kick_handler().unwrap();
     let vm = KvmVm::new(open_kvm().expect("/dev/kvm is needed for this test")).unwrap();
     let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
@@ -155,6 +160,15 @@ fn run_snippet(code: &[u8]) -> Run {
         )
         .unwrap(),
     );
+    let shared = match extra {
+        Some((port, dev)) => Arc::new(
+            Arc::into_inner(shared)
+                .unwrap()
+                .with_device(Space::Pio, port.into(), 2, DeviceKind::Other, dev)
+                .unwrap(),
+        ),
+        None => shared,
+    };
     let thread = {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || vcpu::run_vcpu(fd, 0, shared))
@@ -245,4 +259,61 @@ fn probe_reads_reach_the_guest() {
     assert!(matches!(run.end, Some(VmEnd::AllHalted)), "{:?}", run.end);
     assert_eq!(run.port_probe, vec![(Space::Pio, 0, 1, vec![0x5a])]);
     assert_eq!((run.counts.io_in, run.counts.unknown_port), (1, 0));
+}
+
+#[test]
+fn doorbells_with_another_value_than_the_vcpus_index_are_refused_and_counted() {
+    let doorbell = memconv::abi::DOORBELL_PORT;
+    let mut code = mov_dx(doorbell);
+    // mov eax, 1 (another vCPU's index); out dx, eax.
+    code.extend([0x66, 0xb8, 1, 0, 0, 0, 0x66, 0xef]);
+    // mov eax, 0xffffffff (out of range); out dx, eax.
+    code.extend([0x66, 0xb8, 0xff, 0xff, 0xff, 0xff, 0x66, 0xef]);
+    // 200 more refused doorbells: mov cx, 200; l: out dx, eax; loop l.
+    code.extend([0xb9, 200, 0, 0x66, 0xef, 0xe2, 0xfc]);
+    // mov eax, 0 (its own index); out dx, eax: serviced; hlt.
+    code.extend([0x66, 0xb8, 0, 0, 0, 0, 0x66, 0xef, 0xf4]);
+    let before = memconv::log_limit::GUEST_LOG.suppressed();
+    let t0 = std::time::Instant::now();
+    let run = run_snippet(&code);
+    let secs = t0.elapsed().as_secs();
+    assert!(matches!(run.end, Some(VmEnd::AllHalted)), "{:?}", run.end);
+    let c = &run.counts;
+    assert_eq!((c.doorbell, c.doorbell_mismatch), (203, 202), "{c:?}");
+    // 202 warnings asked for; at most GUEST_LOG_PER_SECOND per second were written.
+    let suppressed = memconv::log_limit::GUEST_LOG.suppressed() - before;
+    let allowed = u64::from(memconv::log_limit::GUEST_LOG_PER_SECOND) * (secs + 1);
+    assert!(
+        suppressed + allowed >= 202,
+        "{suppressed} suppressed in {secs} s"
+    );
+}
+
+/// A device whose every write panics (a VMM bug, as far as the guest can tell).
+struct Panicker;
+
+impl BusDevice for Panicker {
+    fn read(&self, _cpu: u32, _offset: u64, _data: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write(&self, _cpu: u32, _offset: u64, _data: &[u8]) -> BusEffect {
+        panic!("the panicking probe was written");
+    }
+}
+
+#[test]
+fn a_panic_on_a_vcpu_thread_ends_the_vm_as_a_host_error() {
+    const PANIC_PORT: u16 = 0x720;
+    // mov dx, 0x720; out dx, al; hlt.
+    let mut code = mov_dx(PANIC_PORT);
+    code.extend([0xee, 0xf4]);
+    let run = run_snippet_with(&code, Some((PANIC_PORT, Arc::new(Panicker))));
+    match &run.end {
+        Some(VmEnd::HostError { cpu: 0, error }) => {
+            assert!(error.contains("vCPU thread panicked"), "{error}");
+            assert!(error.contains("the panicking probe was written"), "{error}");
+        }
+        other => panic!("end {other:?}"),
+    }
 }

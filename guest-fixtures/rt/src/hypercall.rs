@@ -11,8 +11,9 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 use memconv::abi::{
     MailboxEntry, MailboxHeader, PoolReport, ATTR_ENCRYPTED, ATTR_PAGE_SIZE_2M, ATTR_PAGE_SIZE_4K,
-    ERR_INTERNAL, HUGE_PAGE_SIZE, MAILBOX_ENTRIES_OFFSET, MAILBOX_MAGIC, MAILBOX_MAX_ENTRIES,
-    MAILBOX_MAX_PAYLOAD, OP_EXIT, OP_REPORT, PAGES_PER_CHUNK, STATUS_OK,
+    ERR_BUSY, ERR_INTERNAL, HUGE_PAGE_SIZE, MAILBOX_ENTRIES_OFFSET, MAILBOX_MAGIC,
+    MAILBOX_MAX_ENTRIES, MAILBOX_MAX_PAYLOAD, OP_CONVERT, OP_EXIT, OP_REPORT, PAGES_PER_CHUNK,
+    STATUS_OK,
 };
 
 /// The status an entry holds until the host writes one.
@@ -20,6 +21,9 @@ pub const STATUS_PENDING: u32 = u32::MAX;
 /// Consecutive doorbells without progress after which the rest of a batch is given up (its
 /// entries get the header status, or `ERR_INTERNAL`).
 pub const MAX_STALLS: u32 = 8;
+/// Times a conversion entry the host answered `ERR_BUSY` (a device access to the range was
+/// still in flight after the host's bounded wait) is sent again, alone, after its batch.
+pub const BUSY_RETRIES: u32 = 8;
 
 const _: () = assert!(size_of::<PoolReport>().is_multiple_of(8));
 const _: () = assert!(size_of::<PoolReport>() <= MAILBOX_MAX_PAYLOAD);
@@ -101,6 +105,8 @@ fn ring_fenced(ring: &mut dyn FnMut()) {
 /// Send `op` (`OP_CONVERT` or `OP_ACCEPT`) for every entry, at most `MAILBOX_MAX_ENTRIES` per
 /// mailbox fill, ringing (`ring`) again while the host stops short of `end_entry`. Writes each
 /// entry's status (entries the host never reached get the header status, or `ERR_INTERNAL`).
+/// Conversion entries answered `ERR_BUSY` are sent again one at a time after the batch, up
+/// to [`BUSY_RETRIES`] times each (so they may complete after later entries).
 ///
 /// # Safety
 /// `mailbox` points to a writable, 8-byte aligned 4 KiB page that nothing else on this side
@@ -115,6 +121,25 @@ pub unsafe fn run_batch(
     for piece in entries.chunks_mut(MAILBOX_MAX_ENTRIES) {
         // SAFETY: forwarded from the caller.
         unsafe { run_piece(mailbox, op, piece, ring, &mut out) };
+    }
+    if op == OP_CONVERT && out.errors > 0 {
+        for e in entries.iter_mut().filter(|e| e.status == ERR_BUSY) {
+            for _ in 0..BUSY_RETRIES {
+                let mut once = Batch::default();
+                // SAFETY: forwarded from the caller (one entry <= MAILBOX_MAX_ENTRIES).
+                unsafe { run_piece(mailbox, op, core::slice::from_mut(e), ring, &mut once) };
+                out.doorbells += once.doorbells;
+                if e.status != ERR_BUSY {
+                    break;
+                }
+            }
+        }
+        out.errors = entries.iter().filter(|e| e.status != STATUS_OK).count() as u32;
+        out.first_error = entries
+            .iter()
+            .map(|e| e.status)
+            .find(|&st| st != STATUS_OK)
+            .unwrap_or(STATUS_OK);
     }
     out
 }
@@ -326,6 +351,8 @@ mod tests {
         per_ring: u32,
         rings: u32,
         seen: Vec<(u64, u64, u32)>,
+        /// Entries of 7 pages are answered `ERR_BUSY` this many times.
+        busy: u32,
     }
 
     impl FakeHost {
@@ -335,6 +362,7 @@ mod tests {
                 per_ring,
                 rings: 0,
                 seen: Vec::new(),
+                busy: 0,
             }
         }
 
@@ -367,6 +395,9 @@ mod tests {
                     ERR_UNALIGNED
                 } else if e.npages == 0 {
                     ERR_BAD_REQUEST
+                } else if e.npages == 7 && self.busy > 0 {
+                    self.busy -= 1;
+                    ERR_BUSY
                 } else {
                     STATUS_OK
                 };
@@ -414,6 +445,29 @@ mod tests {
             .all(|(i, e)| i == 7 || i == 300 || e.status == STATUS_OK));
         let want: Vec<(u64, u64, u32)> = es.iter().map(|e| (e.gpa, e.npages, OP_CONVERT)).collect();
         assert_eq!(host.seen, want, "every entry exactly once, in order");
+    }
+
+    #[test]
+    fn busy_conversions_are_retried_alone() {
+        let mut host = FakeHost::new(u32::MAX);
+        host.busy = 3;
+        let mut es = [entry(0, 1, 0), entry(PAGE_SIZE, 7, 0), entry(0, 2, 0)];
+        let b = run(&mut host, OP_CONVERT, &mut es);
+        // One doorbell for the batch, then three retries of the busy entry.
+        assert_eq!((b.doorbells, b.errors, b.first_error), (4, 0, STATUS_OK));
+        assert!(es.iter().all(|e| e.status == STATUS_OK));
+        assert_eq!(host.seen.len(), 6);
+        // A range that stays busy gives up after BUSY_RETRIES.
+        host.busy = u32::MAX;
+        let mut es = [entry(PAGE_SIZE, 7, 0), entry(0, 0, 0)];
+        let b = run(&mut host, OP_CONVERT, &mut es);
+        assert_eq!((b.doorbells, b.errors), (1 + BUSY_RETRIES, 2));
+        assert_eq!((es[0].status, b.first_error), (ERR_BUSY, ERR_BUSY));
+        // Accepts are never retried.
+        host.busy = 1;
+        let mut es = [entry(0, 7, 0)];
+        let b = run(&mut host, OP_ACCEPT, &mut es);
+        assert_eq!((b.doorbells, es[0].status), (1, ERR_BUSY));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Exceptions: an IDT with gates for vectors 0..31, installed on every vCPU, whose handlers
-//! print the vector, error code and RIP and end the VM with exit code `0x80 + vector`.
+//! print the vector, error code and RIP and end the VM with exit code `32 + vector` (32..=63:
+//! below 128, so a shell cannot mistake it for 128 + a signal number).
 
 use crate::{arch, hypercall, serial};
 use core::arch::global_asm;
@@ -11,7 +12,7 @@ use memconv::abi::{GDT_GPA, MAX_CPUS};
 const VECTORS: usize = 32;
 
 /// Exit code for an unhandled exception: `EXIT_EXCEPTION_BASE + vector`.
-pub const EXIT_EXCEPTION_BASE: u32 = 0x80;
+pub const EXIT_EXCEPTION_BASE: u32 = 32;
 
 #[repr(C, align(16))]
 struct Idt(UnsafeCell<[u64; VECTORS * 2]>);

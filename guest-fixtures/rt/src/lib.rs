@@ -10,7 +10,7 @@
 //! the boot info (else: exit code 3) and set up the allocator; what `main` returns on vCPU 0 is
 //! the VM's exit code; when it returns on another vCPU, that vCPU halts.
 //!
-//! Exit codes used by the runtime: 3 bad boot info, `0x80 + vector` unhandled exception,
+//! Exit codes used by the runtime: 3 bad boot info, `32 + vector` unhandled exception (32..=63),
 //! 101 panic.
 //!
 //! # No SSE in emulated mode

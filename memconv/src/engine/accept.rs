@@ -25,7 +25,7 @@ impl Engine {
         let r = self.accept_inner(gpa, npages, attrs);
         if let Err(e) = r {
             if e == ConversionError::DoubleAccept {
-                tracing::warn!(
+                crate::guest_warn!(
                     "security violation: double {} of gpa {gpa:#x} npages {npages}",
                     match self.acc.platform() {
                         crate::ram::Platform::Tdx => "accept",
@@ -244,7 +244,7 @@ impl Engine {
         let l = &mut self.counters.lifecycle;
         l.unaccepted_accesses += 1;
         l.unaccepted_access_gpa.get_or_insert(gpa);
-        tracing::warn!("security violation: guest access to unaccepted memory at gpa {gpa:#x}");
+        crate::guest_warn!("security violation: guest access to unaccepted memory at gpa {gpa:#x}");
         true
     }
 

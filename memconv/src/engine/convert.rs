@@ -119,7 +119,7 @@ impl Engine {
             let r = self.slots.apply(&sc.layout, host.as_ref());
             host.resume_vcpus();
             if let Err(e) = r {
-                tracing::warn!("memslot update failed: {e}");
+                crate::guest_warn!("memslot update failed: {e}");
                 if matches!(e, LayoutError::Memslot { restored: true, .. }) && self.undo_remaps(sc)
                 {
                     self.undo_fresh(sc, target);
@@ -207,7 +207,7 @@ impl Engine {
         if !store.kind().is_huge() {
             for &(a, b) in &sc.runs {
                 if let Err(e) = store.punch(a * PAGE_SIZE, (b - a) * PAGE_SIZE) {
-                    tracing::warn!("punching target {} pages failed: {e}", target.name());
+                    crate::guest_warn!("punching target {} pages failed: {e}", target.name());
                     return Err(ConversionError::Internal);
                 }
             }
@@ -315,7 +315,7 @@ impl Engine {
                     match store.punch(d.chunk * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE) {
                         Ok(()) => self.ensured[s].set(d.chunk, false),
                         Err(e) => {
-                            tracing::warn!("punching {} chunk failed: {e}", source.name());
+                            crate::guest_warn!("punching {} chunk failed: {e}", source.name());
                             self.counters.punch_failures += 1;
                         }
                     }
@@ -324,7 +324,7 @@ impl Engine {
         } else {
             for &(a, b) in &sc.runs {
                 if let Err(e) = store.punch(a * PAGE_SIZE, (b - a) * PAGE_SIZE) {
-                    tracing::warn!("punching {} pages failed: {e}", source.name());
+                    crate::guest_warn!("punching {} pages failed: {e}", source.name());
                     self.counters.punch_failures += 1;
                 }
             }

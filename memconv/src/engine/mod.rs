@@ -22,6 +22,11 @@
 //! 5. Release S: a 4 KiB store punches exactly the converted pages; hugetlb punches only the
 //!    chunks with no S page left. A failed punch leaves the state consistent (counted).
 //!
+//! Between 1 and 2 the engine holds the range's pages in the DMA fence
+//! ([`crate::fence`]): it waits (bounded) for device accesses already pinned there, no new one
+//! starts, and the fence's shared bits are set from the bitmap before the pages are released
+//! (`Busy` if the accesses do not drain in time; nothing changed).
+//!
 //! Failures in 3-4 roll back (view, memslots, fresh allocations, bitmap) and return
 //! `NoMemory` / `Internal`; if a rollback step itself fails the bitmap is kept equal to
 //! what is mapped and the failure is counted as unrecovered.
@@ -40,6 +45,7 @@ use std::time::Instant;
 use crate::abi::{self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, PAGES_PER_CHUNK, PAGE_SIZE};
 use crate::acceptance::Acceptance;
 use crate::bitmap::{Attributes, PageBits, Side};
+use crate::fence::Fence;
 use crate::host_vm::HostVm;
 use crate::layout::{compute_layout, Bases, LayoutError, SlotDesc, SlotTable, View, MAX_MEMSLOTS};
 use crate::ram::{Granularity, RamConfig};
@@ -86,6 +92,8 @@ struct Scratch {
     fresh: Vec<u64>,
     /// View pieces remapped by this conversion: (offset, length, side mapped before).
     remapped: Vec<(u64, u64, Side)>,
+    /// Private runs of the converted range, to copy into the fence's shared bits.
+    fence_runs: Vec<(u64, u64)>,
     /// Chunks whose hole bit (see `crate::acceptance`) this conversion flipped.
     holes_changed: Vec<u64>,
 }
@@ -97,6 +105,7 @@ impl Scratch {
         self.layout.clear();
         self.fresh.clear();
         self.remapped.clear();
+        self.fence_runs.clear();
         self.holes_changed.clear();
     }
 
@@ -129,6 +138,8 @@ pub struct Engine {
     split: bool,
     slot_limit: usize,
     host: Arc<dyn HostVm>,
+    /// The DMA fence: held over every conversion, its shared bits kept equal to `attrs`.
+    fence: Arc<Fence>,
     counters: Counters,
     scratch: Scratch,
 }
@@ -137,13 +148,15 @@ impl Engine {
     /// Build the engine over created stores and a reserved view: sets the initial attributes
     /// (all private but the mailbox chunk), maps the view and installs the initial memslots
     /// (none over unaccepted chunks). Hugetlb stores must already be allocated for the chunks
-    /// their side owns (private: only the boot area unless `cfg.prealloc`).
+    /// their side owns (private: only the boot area unless `cfg.prealloc`). `fence` (over
+    /// `size` bytes, no device running yet) gets the initial shared bits.
     pub fn new(
         cfg: &RamConfig,
         private: Store,
         shared: Store,
         view: View,
         host: Arc<dyn HostVm>,
+        fence: Arc<Fence>,
     ) -> Result<Engine, EngineError> {
         let (size, granularity) = (cfg.size, cfg.granularity);
         let npages = size / PAGE_SIZE;
@@ -152,6 +165,13 @@ impl Engine {
         let mb0 = abi::MAILBOX_BASE_GPA / PAGE_SIZE;
         let mb1 = MAILBOX_AREA_END / PAGE_SIZE;
         attrs.flip_run(mb0, mb1, Side::Shared);
+        fence.set_shared(0, npages, false);
+        fence.set_shared(mb0, mb1, true);
+        if shared.kind().is_huge() {
+            for c in 0..nchunks {
+                fence.set_backed(c, c == mb0 / PAGES_PER_CHUNK);
+            }
+        }
         let split = private.kind().is_huge() || shared.kind().is_huge();
         let mut view_private = PageBits::new(nchunks, true);
         view_private.set_range(mb0 / PAGES_PER_CHUNK, mb1 / PAGES_PER_CHUNK, false);
@@ -192,6 +212,7 @@ impl Engine {
             split,
             slot_limit: MAX_MEMSLOTS as usize,
             host,
+            fence,
             counters: Counters::default(),
             scratch: Scratch::default(),
         };
@@ -263,13 +284,14 @@ impl Engine {
             .validate_convert(gpa, npages, attrs)
             .and_then(|v| self.check_lifecycle(v))
             .inspect_err(|&e| self.counters.reject(e))?;
-        let mut sc = std::mem::take(&mut self.scratch);
-        let status = self.convert_valid(&mut sc, p0, p1, target);
-        if status.is_ok() {
-            self.after_conversion(&sc, p0, p1, target);
-        }
-        sc.clear();
-        self.scratch = sc;
+        // Only a range with pages that change side waits for the device accesses in it.
+        let source_private = target == Side::Shared;
+        let status = if self.attrs.bits().find(p0, p1, source_private) == p1 {
+            self.counters.noop_pages += p1 - p0;
+            Ok(())
+        } else {
+            self.fenced_convert(p0, p1, target)
+        };
         match status {
             Ok(()) => {
                 let class = SizeClass::of(gpa, npages) as usize;
@@ -281,6 +303,37 @@ impl Engine {
             }
             Err(e) => self.counters.reject(e),
         }
+        status
+    }
+
+    /// Steps 2-5 for validated pages `[p0, p1)` with some page changing side, inside the DMA
+    /// fence: `Busy` if device accesses there do not drain within its bound.
+    fn fenced_convert(&mut self, p0: u64, p1: u64, target: Side) -> Status {
+        let fence = self.fence.clone();
+        let hold = fence
+            .begin_conversion(p0, p1)
+            .map_err(|_| ConversionError::Busy)?;
+        let mut sc = std::mem::take(&mut self.scratch);
+        let status = self.convert_valid(&mut sc, p0, p1, target);
+        if status.is_ok() {
+            self.after_conversion(&sc, p0, p1, target);
+        }
+        // Whatever happened, the fence's bits become what the bitmap says, then the pages
+        // are released.
+        self.attrs.bits().runs(p0, p1, true, &mut sc.fence_runs);
+        fence.set_shared(p0, p1, true);
+        for &(a, b) in &sc.fence_runs {
+            fence.set_shared(a, b, false);
+        }
+        if self.store(Side::Shared).kind().is_huge() {
+            let ensured = &self.ensured[Side::Shared.index()];
+            for c in p0 / PAGES_PER_CHUNK..p1.div_ceil(PAGES_PER_CHUNK) {
+                fence.set_backed(c, ensured.get(c));
+            }
+        }
+        drop(hold);
+        sc.clear();
+        self.scratch = sc;
         status
     }
 

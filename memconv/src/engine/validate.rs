@@ -1,5 +1,5 @@
-//! Step 1 of a conversion (validate everything before changing anything) and the
-//! device-access check: pure reads of the engine's state.
+//! Step 1 of a conversion (validate everything before changing anything): pure reads of the
+//! engine's state. (Device accesses are checked by the fence; ACCEPT in `accept`.)
 
 use super::Engine;
 use crate::abi::{
@@ -60,22 +60,5 @@ impl Engine {
             Side::Shared
         };
         Ok((gpa / PAGE_SIZE, end / PAGE_SIZE, target))
-    }
-
-    /// Ok if every page of `[gpa, gpa+len)` is RAM and shared: Err((first bad gpa, is_ram)).
-    pub fn check_shared(&self, gpa: u64, len: u64) -> Result<(), (u64, bool)> {
-        let end = match gpa.checked_add(len) {
-            Some(e) if e <= self.size => e,
-            _ => return Err((gpa, false)),
-        };
-        if len == 0 {
-            return Ok(());
-        }
-        let (p0, p1) = (gpa / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
-        let first_private = self.attrs.bits().find(p0, p1, true);
-        if first_private < p1 {
-            return Err(((first_private * PAGE_SIZE).max(gpa), true));
-        }
-        Ok(())
     }
 }

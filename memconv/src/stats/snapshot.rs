@@ -11,6 +11,7 @@ use super::histogram::LatencySnapshot;
 use super::lifecycle::{LifecycleInputs, LifecycleSnapshot};
 use super::pool_report::PoolReportSnapshot;
 use crate::abi::PAGE_SIZE;
+use crate::fence::FenceStats;
 use crate::ram::Granularity;
 use crate::status::ConversionError;
 use crate::store::StoreKind;
@@ -177,6 +178,8 @@ pub struct StatsSnapshot {
     pub lifecycle: LifecycleSnapshot,
     /// Kernel query errors, if any (figures may be incomplete).
     pub kernel_query_errors: Vec<String>,
+    /// The DMA fence: device pins and conversions that waited for them.
+    pub fence: FenceStats,
 }
 
 impl Default for StatsSnapshot {
@@ -213,6 +216,7 @@ impl Default for StatsSnapshot {
             pool_report: None,
             lifecycle: LifecycleSnapshot::default(),
             kernel_query_errors: Vec::new(),
+            fence: FenceStats::default(),
         }
     }
 }
@@ -319,6 +323,7 @@ impl StatsSnapshot {
                 inp.lifecycle,
             ),
             kernel_query_errors: inp.kernel_query_errors,
+            fence: FenceStats::default(),
         }
     }
 }

@@ -3,13 +3,13 @@
 
 use std::fmt::{self, Write as _};
 
+use super::units::{duration, mib};
 use super::StatsSnapshot;
 
 impl StatsSnapshot {
     /// A readable multi-line table.
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let _ = writeln!(
             s,
             "memconv: {} MiB RAM, private={} shared={} granularity={}, up {:.1} s",
@@ -97,15 +97,25 @@ impl StatsSnapshot {
             );
         }
         let d = &self.double_alloc;
+        // The kernel's figure is the measurement; the engine's is an upper bound that holds
+        // exactly only when both stores release at the same granularity.
+        let (cmp, verdict) = if d.kernel_within_bound {
+            ("<=", "within bound")
+        } else {
+            (">", "OVER BOUND")
+        };
+        let exact = if d.agree {
+            "bound exact"
+        } else {
+            "bound not reached"
+        };
         let _ = writeln!(
             s,
-            "  double allocation: computed {:.1} MiB (peak {:.1} MiB, {:.1} MiB*s), kernel {:.1} MiB, agree={} within_bound={}",
+            "  double allocation: kernel-measured {:.1} MiB {cmp} engine bound {:.1} MiB: {verdict} ({exact}); bound peak {:.1} MiB, {:.1} MiB*s",
+            mib(d.kernel_bytes),
             mib(d.computed_bytes),
             mib(d.computed_peak_bytes),
             d.computed_byte_seconds / (1u64 << 20) as f64,
-            mib(d.kernel_bytes),
-            d.agree,
-            d.kernel_within_bound
         );
         let _ = writeln!(
             s,
@@ -118,25 +128,40 @@ impl StatsSnapshot {
             self.punch_failures,
             self.unrecovered_failures
         );
+        let f = &self.fence;
+        let _ = writeln!(
+            s,
+            "  dma fence: pins {} (busy {}), conversions that waited for device accesses {} (busy {}, longest {})",
+            f.pins,
+            f.pins_busy,
+            f.conversion_waits,
+            f.conversions_busy,
+            duration(f.wait_max_ns)
+        );
         let l = &self.latency;
         let _ = writeln!(
             s,
-            "  latency: n={} mean={} ns p50<={} ns p99<={} ns max={} ns",
-            l.count, l.mean_ns, l.p50_ns_le, l.p99_ns_le, l.max_ns
+            "  latency: n={} mean {}, p50 <= {}, p99 <= {}, max {}",
+            l.count,
+            duration(l.mean_ns),
+            duration(l.p50_ns_le),
+            duration(l.p99_ns_le),
+            duration(l.max_ns)
         );
         if let Some(p) = &self.pool_report {
             let _ = writeln!(
                 s,
-                "  guest pool '{}': used {} / cap {} (hw {}), maps {} failures {}, waits {}, shared {} (peak {})",
+                "  guest pool '{}': used {:.1} / {:.1} MiB (high water {:.1}), shared {:.1} MiB (peak {:.1}), maps {} failures {}, throttle waits {} ({})",
                 p.policy,
-                p.used_bytes,
-                p.capacity_bytes,
-                p.high_water_bytes,
+                mib(p.used_bytes),
+                mib(p.capacity_bytes),
+                mib(p.high_water_bytes),
+                mib(p.shared_bytes),
+                mib(p.shared_peak_bytes),
                 p.maps,
                 p.map_failures,
                 p.throttle_waits,
-                p.shared_bytes,
-                p.shared_peak_bytes
+                duration(p.throttle_wait_ns)
             );
         }
         for e in &self.kernel_query_errors {

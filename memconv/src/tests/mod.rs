@@ -8,6 +8,7 @@
 //! hugetlb exhaustion errors), `props` (property tests and concurrent vCPUs).
 
 mod creation;
+mod fenced;
 mod props;
 mod requests;
 mod scenario;
@@ -27,7 +28,7 @@ use crate::abi::{
 use crate::host_vm::HostVm;
 use crate::service::{ConversionService, MailboxOutcome};
 use crate::store::{huge_pages_available, StoreKind};
-use crate::{AccessError, ConversionError, Granularity, Platform, RamConfig};
+use crate::{ConversionError, FenceError, Granularity, Platform, RamConfig};
 
 const MB: u64 = 1 << 20;
 const TO_SHARED: u64 = 0;

@@ -213,6 +213,29 @@ fn snp_rescind_before_share() {
 }
 
 #[test]
+fn double_accept_warnings_are_rate_limited_and_every_one_counted() {
+    let (_host, svc) = service(
+        32 * MB,
+        StoreKind::Memfd,
+        StoreKind::Memfd,
+        Granularity::Page4K,
+    );
+    let unit = 2 * HUGE_PAGE_SIZE;
+    assert_eq!(svc.accept(unit, PAGES_PER_CHUNK), abi::STATUS_OK);
+    let before = crate::log_limit::GUEST_LOG.suppressed();
+    let t0 = std::time::Instant::now();
+    for _ in 0..500 {
+        assert_eq!(svc.accept(unit, PAGES_PER_CHUNK), abi::ERR_DOUBLE_ACCEPT);
+    }
+    let secs = t0.elapsed().as_secs();
+    // Each violation is counted; at most GUEST_LOG_PER_SECOND warnings a second are written.
+    assert_eq!(svc.stats().double_accept_violations, 500);
+    let suppressed = crate::log_limit::GUEST_LOG.suppressed() - before;
+    let written = u64::from(crate::log_limit::GUEST_LOG_PER_SECOND) * (secs + 1);
+    assert!(suppressed + written >= 500, "{suppressed} suppressed");
+}
+
+#[test]
 fn mailbox_batch_exit_report_and_garbage() {
     let (host, svc) = service(
         32 * MB,

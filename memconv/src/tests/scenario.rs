@@ -29,7 +29,7 @@ fn smoke_memfd_boot_path() {
     assert!(svc.check_shared(MAILBOX_BASE_GPA, 4096).is_ok());
     assert!(matches!(
         svc.check_shared(abi::IMAGE_BASE_GPA, 1),
-        Err(AccessError::NotShared { .. })
+        Err(FenceError::NotShared { .. })
     ));
     let st = svc.stats();
     assert_eq!(st.memslots, 1);

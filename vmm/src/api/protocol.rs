@@ -4,8 +4,9 @@
 //!
 //! On connect the server sends a greeting line:
 //! `{"greeting":{"protocol":1,"vmm":"0.1.0","pid":123,"commands":["stats",...]}}`.
-//! A request is `{"cmd":"NAME"}` with an optional `"id"` (any JSON value, echoed in the reply)
-//! and an optional `"protocol"` (the version the client speaks; refused if not supported).
+//! A request is `{"cmd":"NAME"}` with an optional `"id"` (any JSON value, echoed in the reply
+//! exactly as sent, byte for byte) and an optional `"protocol"` (the version the client speaks;
+//! refused if not supported). A key given twice is refused (`bad_request`).
 //! A reply is `{"id":..,"ok":true,"return":{..}}` or
 //! `{"id":..,"ok":false,"error":{"code":"unknown_command","message":".."}}`.
 //! Events are lines with an `"event"` key, e.g. `{"event":"vm_end","data":{..}}`, sent when
@@ -17,9 +18,13 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
+use fields::RequestFields;
+
 use crate::config::VmConfig;
+use crate::devices::BlkStats;
 use crate::vcpu::{ExitCounts, VmEnd};
 
 /// The protocol version this VMM speaks.
@@ -88,6 +93,8 @@ pub enum ErrorCode {
     TooManyClients,
     /// The VM is ending: pause/resume/shutdown are refused.
     VmEnding,
+    /// The client sent nothing for the idle timeout; the server closes the connection.
+    IdleTimeout,
     /// The server failed; the VM is unaffected.
     Internal,
     /// A code this client does not know (newer server).
@@ -106,6 +113,7 @@ impl ErrorCode {
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::TooManyClients => "too_many_clients",
             ErrorCode::VmEnding => "vm_ending",
+            ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -142,11 +150,14 @@ impl Request {
     }
 }
 
+/// A request `id` as the client sent it (raw JSON text, echoed verbatim).
+pub type RawId = Box<RawValue>;
+
 /// A decoded request line.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Envelope {
-    /// The client's `id`, echoed in the reply.
-    pub id: Option<Value>,
+    /// The client's `id`, echoed in the reply exactly as sent.
+    pub id: Option<RawId>,
     /// The request.
     pub request: Request,
 }
@@ -165,16 +176,27 @@ pub struct OutgoingRequest {
 
 /// Decodes one request line (without its newline). On error, returns the request's `id` if
 /// it had one, for the error reply.
-pub fn decode_request(line: &[u8]) -> Result<Envelope, (Option<Value>, ProtocolError)> {
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| (None, ProtocolError::Parse(e.to_string())))?;
-    let Value::Object(mut obj) = value else {
+pub fn decode_request(line: &[u8]) -> Result<Envelope, (Option<RawId>, ProtocolError)> {
+    let parse_error = |e: serde_json::Error| (None, ProtocolError::Parse(e.to_string()));
+    // Valid JSON that is not an object: bad_request; not JSON: parse_error.
+    if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(line).map_err(parse_error)?;
         return Err((
             None,
             ProtocolError::BadRequest("a request is a JSON object".into()),
         ));
-    };
-    let id = obj.remove("id");
+    }
+    let fields: RequestFields = serde_json::from_slice(line).map_err(parse_error)?;
+    let id = fields.id;
+    if let Some(key) = fields.duplicate {
+        // A repeated `id` has no one value to echo.
+        let id = if key == "id" { None } else { id };
+        return Err((
+            id,
+            ProtocolError::BadRequest(format!("duplicate key {key:?}")),
+        ));
+    }
+    let mut obj: serde_json::Map<String, Value> = fields.members.into_iter().collect();
     if let Some(v) = obj.remove("protocol") {
         match v.as_u64() {
             Some(n) if n == u64::from(PROTOCOL_VERSION) => {}
@@ -262,9 +284,9 @@ pub struct WireError {
 /// A reply line (server side: the `return` value is any serializable value).
 #[derive(Clone, Debug, Serialize)]
 pub struct Reply<T: Serialize> {
-    /// The request's `id`, if it had one.
+    /// The request's `id` exactly as sent, if it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<Value>,
+    pub id: Option<RawId>,
     /// Whether the command succeeded.
     pub ok: bool,
     /// The command's result when `ok`.
@@ -277,7 +299,7 @@ pub struct Reply<T: Serialize> {
 
 impl<T: Serialize> Reply<T> {
     /// A successful reply.
-    pub fn ok(id: Option<Value>, ret: T) -> Self {
+    pub fn ok(id: Option<RawId>, ret: T) -> Self {
         Reply {
             id,
             ok: true,
@@ -289,7 +311,7 @@ impl<T: Serialize> Reply<T> {
 
 impl Reply<()> {
     /// A failed reply.
-    pub fn error(id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn error(id: Option<RawId>, code: ErrorCode, message: impl Into<String>) -> Self {
         Reply {
             id,
             ok: false,
@@ -375,6 +397,8 @@ pub struct StatsReply {
     pub snapshot_us: u64,
     /// The conversion service's snapshot, with the guest's latest pool report.
     pub memconv: memconv::StatsSnapshot,
+    /// The virtio block device's counters (`io_errors` among them), when the VM has one.
+    pub disk: Option<BlkStats>,
 }
 
 /// The `config` reply.
@@ -443,6 +467,8 @@ pub struct StatsView {
     pub snapshot_us: u64,
     /// memconv's snapshot, with the guest's latest pool report.
     pub memconv: memconv::StatsSnapshot,
+    /// The block device's counters, when the VM has one.
+    pub disk: Option<BlkStats>,
 }
 
 /// Serializes one message as a line (with its newline).
@@ -451,6 +477,8 @@ pub fn to_line<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> 
     line.push(b'\n');
     Ok(line)
 }
+
+mod fields;
 
 #[cfg(test)]
 mod tests;

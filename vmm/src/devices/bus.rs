@@ -51,6 +51,8 @@ pub enum BusEffect {
     GuestExit(u64),
     /// The guest reported its pool statistics.
     PoolReport(memconv::stats::PoolReportSnapshot),
+    /// The doorbell was rung with a value other than the writing vCPU's index: refused.
+    DoorbellRefused,
 }
 
 /// A device on the bus.

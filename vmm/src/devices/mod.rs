@@ -20,7 +20,7 @@ use memconv::abi::{self, DeviceInfo};
 use bus::{Bus, BusError, DeviceKind, Space};
 
 pub use dma::DmaMemory;
-pub use virtio_blk::{BlkConfig, BlkStats, BlockDevice, Disk, DiskError};
+pub use virtio_blk::{BlkConfig, BlkStats, BlockDevice, Disk, DiskError, DiskIo};
 
 /// Size of one device's register window in the MMIO window.
 pub const DEVICE_WINDOW: u64 = 0x1000;

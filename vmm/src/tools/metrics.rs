@@ -2,11 +2,15 @@
 //! suitable for node_exporter's textfile collector (`vmm ctl ... metrics > dir/vm.prom.tmp &&
 //! mv dir/vm.prom.tmp dir/vm.prom`). Every family has HELP and TYPE lines; names carry their
 //! unit (`_bytes`, `_seconds`) and counters end in `_total`. Extra constant labels (e.g.
-//! `vm="web1"`) tell several VMs apart in one collector directory.
+//! `vm="web1"`) tell several VMs apart in one collector directory. The same text, in the
+//! OpenMetrics 1.0 spelling ([`Format::OpenMetrics`]: counter families named without
+//! `_total`, `# EOF` at the end), is what `vmm run --metrics-addr` serves to a scraper that
+//! asks for it.
 
 use std::fmt::Write as _;
 
 use crate::api::protocol::StatsView;
+use crate::devices::BlkStats;
 
 /// Errors in what the user asks to render.
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +76,40 @@ fn value(v: f64) -> String {
     }
 }
 
+/// Which exposition format to write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    #[default]
+    Prometheus,
+    /// OpenMetrics 1.0 text (`application/openmetrics-text; version=1.0.0`).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The HTTP `Content-Type` of this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
 /// Builds the exposition text, family by family.
 struct Writer<'a> {
     out: String,
     constant: &'a Labels,
+    format: Format,
 }
 
 impl Writer<'_> {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
+        // OpenMetrics names a counter family without the `_total` of its sample.
+        let name = match (self.format, kind) {
+            (Format::OpenMetrics, "counter") => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
@@ -120,9 +150,15 @@ const LATENCY_BOUNDS_LOG2: std::ops::RangeInclusive<u32> = 8..=34;
 
 /// Renders a `stats` reply in the Prometheus text format.
 pub fn render(s: &StatsView, constant: &Labels) -> String {
+    render_as(s, constant, Format::Prometheus)
+}
+
+/// Renders a `stats` reply in `format`.
+pub fn render_as(s: &StatsView, constant: &Labels, format: Format) -> String {
     let mut w = Writer {
         out: String::new(),
         constant,
+        format,
     };
     let m = &s.memconv;
 
@@ -145,7 +181,7 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
     w.family(
         "vmm_vcpu_exits_total",
         "counter",
-        "vCPU exits out of KVM_RUN by reason; reason=\"total\" counts all of them, and serial, doorbell and unknown_port exits are also counted in io_out or io_in.",
+        "vCPU exits out of KVM_RUN by reason; reason=\"total\" counts all of them, and serial, doorbell and unknown_port exits are also counted in io_out or io_in, doorbell_mismatch (refused doorbells) also in doorbell.",
     );
     for (cpu, exits) in s.exits.iter().enumerate() {
         let cpu = cpu.to_string();
@@ -489,7 +525,75 @@ pub fn render(s: &StatsView, constant: &Labels) -> String {
             );
         }
     }
+    if let Some(d) = &s.disk {
+        render_disk(&mut w, d);
+    }
+    if format == Format::OpenMetrics {
+        w.out.push_str("# EOF\n");
+    }
     w.out
+}
+
+/// The virtio block device's families (`vmm_disk_*`), labelled with the image path.
+fn render_disk(w: &mut Writer<'_>, d: &BlkStats) {
+    let image = [("image", d.path.as_str())];
+    w.single_labelled(
+        "vmm_disk_capacity_bytes",
+        "gauge",
+        "Size of the disk image the device offers.",
+        &image,
+        d.capacity_bytes as f64,
+    );
+    let counters: [(&str, &str, u64); 9] = [
+        (
+            "vmm_disk_requests_total",
+            "Requests the block device completed (any status).",
+            d.requests,
+        ),
+        (
+            "vmm_disk_reads_total",
+            "Read requests completed OK.",
+            d.reads,
+        ),
+        (
+            "vmm_disk_writes_total",
+            "Write requests completed OK.",
+            d.writes,
+        ),
+        (
+            "vmm_disk_read_bytes_total",
+            "Bytes read from the image into guest buffers.",
+            d.bytes_read,
+        ),
+        (
+            "vmm_disk_written_bytes_total",
+            "Bytes written to the image from guest buffers.",
+            d.bytes_written,
+        ),
+        (
+            "vmm_disk_violations_total",
+            "Requests refused because they touched memory that is not shared.",
+            d.violations,
+        ),
+        (
+            "vmm_disk_errors_total",
+            "Other failed requests (malformed, out of range, I/O errors).",
+            d.errors,
+        ),
+        (
+            "vmm_disk_io_errors_total",
+            "Requests the image failed (full filesystem, truncated or read-only image, flush error), completed with IOERR; included in vmm_disk_errors_total.",
+            d.io_errors,
+        ),
+        (
+            "vmm_disk_io_error_log_suppressed_total",
+            "Image failures counted but not logged (rate limit).",
+            d.io_error_log_suppressed,
+        ),
+    ];
+    for (name, help, v) in counters {
+        w.single_labelled(name, "counter", help, &image, v as f64);
+    }
 }
 
 impl Writer<'_> {
@@ -548,6 +652,12 @@ mod tests {
             policy: "soak".into(),
             ..PoolReportSnapshot::default()
         });
+        s.disk = Some(BlkStats {
+            path: "/tmp/d.img".into(),
+            io_errors: 7,
+            errors: 7,
+            ..BlkStats::default()
+        });
         let text = render(&s, &Labels::default());
         let mut typed = std::collections::HashSet::new();
         for line in text.lines() {
@@ -571,5 +681,6 @@ mod tests {
         assert!(text.contains("memconv_conversion_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("vmm_vcpu_exits_total{cpu=\"0\",reason=\"doorbell\"} 2"));
         assert!(text.contains("guest_pool_maps_total{policy=\"soak\"} 0"));
+        assert!(text.contains("vmm_disk_io_errors_total{image=\"/tmp/d.img\"} 7"));
     }
 }

@@ -79,6 +79,10 @@ fn bus_write(
             shared.telemetry.note_pool_report(&report);
             ExitAction::Resume
         }
+        BusEffect::DoorbellRefused => {
+            counts.doorbell_mismatch += 1;
+            ExitAction::Resume
+        }
         BusEffect::None => ExitAction::Resume,
     }
 }

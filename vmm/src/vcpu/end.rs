@@ -31,6 +31,20 @@ pub enum VmEnd {
     AllHalted,
     /// The host asked the VM to stop.
     Stopped,
+    /// A stop signal (SIGINT, SIGTERM, SIGHUP) stopped the VM as `vmm ctl shutdown` would.
+    Signal {
+        /// Its name, e.g. `SIGTERM`.
+        signal: String,
+        /// Its number; `vmm run` exits with 128 + it.
+        number: i32,
+    },
+    /// A device's host thread failed (a panic, caught): the VM cannot go on.
+    DeviceFailed {
+        /// The device, e.g. `virtio-blk`.
+        device: String,
+        /// What happened.
+        error: String,
+    },
     /// The guest touched private memory it never accepted (the chunk has no memslot): the VM
     /// is stopped, as a TD is. Counted as `unaccepted_accesses` in the statistics.
     UnacceptedAccess {
@@ -39,7 +53,7 @@ pub enum VmEnd {
         /// The guest physical address touched.
         gpa: u64,
     },
-    /// KVM_RUN failed.
+    /// KVM_RUN failed, or the vCPU's host thread panicked (caught).
     HostError {
         /// The vCPU whose KVM_RUN failed.
         cpu: u32,

@@ -15,7 +15,7 @@ use super::end::{EndRendezvous, VmEnd};
 use super::telemetry::{ExitCounts, PoolSample, Telemetry};
 use crate::devices::bus::{Bus, BusDevice, BusError, DeviceKind, Space};
 use crate::devices::doorbell::Doorbell;
-use crate::devices::Devices;
+use crate::devices::{BlkStats, Devices};
 use crate::serial::{Console, SERIAL_PORTS};
 
 /// Everything vCPU threads share.
@@ -32,6 +32,8 @@ pub struct VmShared {
     pub(super) ending: EndRendezvous,
     /// Exit counts, unknown ports, pool reports.
     pub(super) telemetry: Telemetry,
+    /// The MMIO devices (for their statistics), once attached.
+    devices: Option<Arc<Devices>>,
 }
 
 fn insert_fixed(bus: &mut Bus, base: u16, len: u16, kind: DeviceKind, dev: Arc<dyn BusDevice>) {
@@ -73,6 +75,7 @@ impl VmShared {
             bus,
             ending: EndRendezvous::default(),
             telemetry: Telemetry::new(cpus),
+            devices: None,
         }
     }
 
@@ -82,7 +85,13 @@ impl VmShared {
             // The MMIO window holds one device per DEVICE_WINDOW by construction.
             tracing::error!("{e}");
         }
+        self.devices = Some(devices);
         self
+    }
+
+    /// The block device's counters now, when the VM has one.
+    pub fn disk_stats(&self) -> Option<BlkStats> {
+        self.devices.as_ref()?.block().map(|b| b.stats())
     }
 
     /// The same, with one more device on the bus (tests attach probes this way).

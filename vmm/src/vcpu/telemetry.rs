@@ -33,6 +33,9 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// Kicks (EINTR) and KVM_EXIT_INTR.
     pub interrupted: u64,
+    /// Doorbells refused because their value was not the writing vCPU's index (part of
+    /// doorbell).
+    pub doorbell_mismatch: u64,
     /// Anything else.
     pub other: u64,
 }
@@ -130,7 +133,7 @@ impl Telemetry {
         let mut ports = self.unknown_ports.lock().unwrap_or_else(|p| p.into_inner());
         let n = ports.entry(port).or_insert(0);
         if *n == 0 {
-            tracing::warn!("guest accessed port {port:#x}, which no device owns");
+            memconv::guest_warn!("guest accessed port {port:#x}, which no device owns");
         }
         *n += 1;
     }
@@ -145,6 +148,25 @@ impl Telemetry {
 
     /// Records a guest pool report in the timeline.
     pub fn note_pool_report(&self, r: &memconv::stats::PoolReportSnapshot) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            static REPORTS: memconv::log_limit::LogLimiter =
+                memconv::log_limit::LogLimiter::new(10);
+            if REPORTS.allow() {
+                let mib = memconv::stats::units::mib;
+                tracing::debug!(
+                    "pool report '{}': used {:.1} / {:.1} MiB, shared {:.1} MiB, maps {} failures {}, throttle waits {}, io requests {} ({} reports not shown so far)",
+                    r.policy,
+                    mib(r.used_bytes),
+                    mib(r.capacity_bytes),
+                    mib(r.shared_bytes),
+                    r.maps,
+                    r.map_failures,
+                    r.throttle_waits,
+                    r.io_requests,
+                    REPORTS.suppressed()
+                );
+            }
+        }
         let sample = PoolSample {
             t_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             shared_bytes: r.shared_bytes,

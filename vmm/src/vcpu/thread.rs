@@ -1,6 +1,7 @@
 //! One vCPU thread's body ([`run_vcpu`]): the run loop that drives the vCPU's state machine
-//! (enter, park, exit, halt, finish) around KVM_RUN and exit dispatch, and the register dump
-//! of a crashed vCPU.
+//! (enter, park, exit, halt, finish) around KVM_RUN and exit dispatch, the register dump of a
+//! crashed vCPU, and the panic guard: a panic on the thread ends the VM as a host error (the
+//! summary is still written) instead of aborting the process.
 
 use std::sync::Arc;
 
@@ -74,11 +75,25 @@ fn register_dump(fd: &mut VcpuFd) -> String {
     out
 }
 
-/// One vCPU thread's body: runs until the VM ends.
+/// One vCPU thread's body: runs until the VM ends. A panic inside ends the VM with
+/// [`VmEnd::HostError`] for this vCPU.
 pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
     let control = Arc::clone(&shared.control);
     let run_ptr: *mut kvm_run = fd.get_kvm_run();
     control.register_thread(cpu, run_ptr);
+    if let Err(msg) = crate::panic_guard::guarded(|| run_loop(&mut fd, cpu, &shared)) {
+        shared.end(VmEnd::HostError {
+            cpu,
+            error: format!("vCPU thread panicked: {msg}"),
+        });
+    }
+    // Before `fd` (and its kvm_run mapping) is dropped.
+    control.unregister_thread();
+    control.transition(cpu, Transition::Finish);
+}
+
+fn run_loop(fd: &mut VcpuFd, cpu: u32, shared: &Arc<VmShared>) {
+    let control = &shared.control;
     let mut counts = ExitCounts::default();
     loop {
         if control.stopping() {
@@ -98,7 +113,7 @@ pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
         control.transition(cpu, Transition::Exit);
         counts.total += 1;
         let action = match result {
-            Ok(exit) => dispatch(&shared, cpu, &mut counts, exit),
+            Ok(exit) => dispatch(shared, cpu, &mut counts, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
                 counts.interrupted += 1;
@@ -126,7 +141,7 @@ pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
                 break;
             }
             ExitAction::Crash(reason) => {
-                let registers = register_dump(&mut fd);
+                let registers = register_dump(fd);
                 tracing::debug!("vCPU {cpu}: {reason}\n{registers}");
                 shared.telemetry.publish(cpu, &counts);
                 shared.end(VmEnd::Crash {
@@ -142,6 +157,4 @@ pub fn run_vcpu(mut fd: VcpuFd, cpu: u32, shared: Arc<VmShared>) {
         shared.telemetry.publish(cpu, &counts);
     }
     shared.telemetry.publish(cpu, &counts);
-    control.unregister_thread();
-    control.transition(cpu, Transition::Finish);
 }

@@ -22,7 +22,53 @@ fn requests_decode() {
         assert_eq!(env.request, want, "{line}");
     }
     let env = decode_request(br#"{"cmd":"config","id":{"a":[1]}}"#).unwrap();
-    assert_eq!(env.id, Some(serde_json::json!({"a":[1]})));
+    assert_eq!(
+        env.id.map(|r| r.get().to_string()).as_deref(),
+        Some(r#"{"a":[1]}"#)
+    );
+}
+
+fn raw(text: &str) -> Option<RawId> {
+    Some(RawValue::from_string(text.to_string()).unwrap())
+}
+
+#[test]
+fn duplicate_keys_are_refused() {
+    for line in [
+        r#"{"cmd":"stats","cmd":"shutdown"}"#,
+        r#"{"cmd":"stats","protocol":1,"protocol":1}"#,
+        r#"{"id":1,"cmd":"stats","id":2}"#,
+    ] {
+        let (id, e) = decode_request(line.as_bytes()).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadRequest, "{line}");
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+        if line.contains("\"id\":2") {
+            assert!(id.is_none());
+        }
+    }
+    let (id, _) = decode_request(br#"{"cmd":"stats","id":9,"cmd":"shutdown"}"#).unwrap_err();
+    assert_eq!(id.map(|r| r.get().to_string()).as_deref(), Some("9"));
+}
+
+#[test]
+fn ids_are_echoed_exactly_as_sent() {
+    for id in [
+        "18446744073709551616",
+        "123456789012345678901234567890",
+        "-0.10",
+        "1e400",
+        r#""a string""#,
+        r#"{"nested": [1, {"k": null}]}"#,
+    ] {
+        let line = format!(r#"{{"cmd":"stats","id":{id}}}"#);
+        let env = decode_request(line.as_bytes()).unwrap();
+        let reply = to_line(&Reply::ok(env.id, 0)).unwrap();
+        let text = String::from_utf8(reply).unwrap();
+        assert!(
+            text.starts_with(&format!(r#"{{"id":{id},"ok":true"#)),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -47,7 +93,7 @@ fn bad_requests_get_codes() {
     );
     // The id survives for the error reply.
     let (id, _) = decode_request(br#"{"cmd":"nope","id":42}"#).unwrap_err();
-    assert_eq!(id, Some(serde_json::json!(42)));
+    assert_eq!(id.map(|r| r.get().to_string()).as_deref(), Some("42"));
 }
 
 #[test]
@@ -62,7 +108,7 @@ fn every_command_decodes_and_is_named() {
 #[test]
 fn replies_serialize_as_documented() {
     let ok = to_line(&Reply::ok(
-        Some(serde_json::json!(3)),
+        raw("3"),
         StateReply {
             state: VmState::Paused,
             changed: true,
@@ -131,6 +177,10 @@ fn stats_view_reads_what_the_server_sends() {
         vcpu_pauses: 0,
         snapshot_us: 0,
         memconv: snapshot.clone(),
+        disk: Some(crate::devices::BlkStats {
+            io_errors: 3,
+            ..Default::default()
+        }),
     };
     let sent = serde_json::to_value(&reply).unwrap();
     let view: StatsView = serde_json::from_value(sent.clone()).unwrap();

@@ -1,5 +1,6 @@
 //! One client connection's buffers: a bounded input buffer cut into request lines, a bounded
-//! output buffer written as the socket takes it, and the epoll interest that follows from both.
+//! output buffer written as the socket takes it, the epoll interest that follows from both, and
+//! the times the stall and idle timeouts are measured from.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -14,6 +15,21 @@ use crate::api::protocol::MAX_LINE;
 pub const MAX_OUTPUT: usize = 1 << 20;
 /// How long queued output may make no progress before the client is dropped.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may send nothing before it is dropped (so idle connections cannot hold
+/// every client slot); `VMM_API_IDLE_TIMEOUT_MS` overrides it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The environment variable that overrides [`IDLE_TIMEOUT`] (milliseconds, for tests).
+pub const IDLE_TIMEOUT_ENV: &str = "VMM_API_IDLE_TIMEOUT_MS";
+
+/// The idle timeout in force: [`IDLE_TIMEOUT_ENV`] if set to a positive number of
+/// milliseconds, else [`IDLE_TIMEOUT`].
+pub fn idle_timeout() -> Duration {
+    std::env::var(IDLE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(IDLE_TIMEOUT, Duration::from_millis)
+}
 
 /// One client connection.
 pub(super) struct Conn {
@@ -24,6 +40,8 @@ pub(super) struct Conn {
     pub(super) written: usize,
     /// When output last made progress (or was first queued).
     pub(super) last_progress: Instant,
+    /// When the client last sent bytes (or connected).
+    pub(super) last_input: Instant,
     /// No more requests are read; close once the output is flushed.
     pub(super) closing: bool,
     /// Drop now (protocol violation or write error).
@@ -40,6 +58,7 @@ impl Conn {
             outbuf: Vec::new(),
             written: 0,
             last_progress: Instant::now(),
+            last_input: Instant::now(),
             closing: false,
             dead: false,
             interest: EventSet::IN,
@@ -101,7 +120,10 @@ impl Conn {
             let want = room.min(chunk.len());
             match self.stream.read(&mut chunk[..want]) {
                 Ok(0) => return true,
-                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    self.last_input = Instant::now();
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {

@@ -13,7 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::conn::{Conn, STALL_TIMEOUT};
+use super::conn::{idle_timeout, Conn, STALL_TIMEOUT};
 use super::handler::{error_line, serialize_line, Handler, VmContext};
 use super::socket::{ApiSocket, ServerError};
 use crate::api::protocol::{
@@ -43,8 +43,10 @@ struct Server {
     end_event: EventFd,
     /// Written to when some client still has complete requests queued (fairness).
     wake: EventFd,
-    /// Housekeeping every [`TICK`].
+    /// Housekeeping every [`TICK`] (or half the idle timeout, if shorter).
     timer: TimerFd,
+    /// Clients that send nothing for this long are dropped.
+    idle_timeout: Duration,
     conns: HashMap<RawFd, Conn>,
     backlog: HashSet<RawFd>,
     handler: Handler,
@@ -227,7 +229,8 @@ impl Server {
         }
     }
 
-    /// Every [`TICK`]: drops clients whose output has been stuck for [`STALL_TIMEOUT`].
+    /// Every [`TICK`]: drops clients whose output has been stuck for [`STALL_TIMEOUT`], and
+    /// tells clients that sent nothing for the idle timeout (`idle_timeout`) and closes them.
     fn tick(&mut self, ops: &mut EventOps) {
         let _ = self.timer.wait();
         let stalled: Vec<RawFd> = self
@@ -239,6 +242,29 @@ impl Server {
         for fd in stalled {
             tracing::debug!("control client fd {fd} stalled: dropped");
             self.close(fd, ops);
+        }
+        let idle = self.idle_timeout;
+        let idlers: Vec<RawFd> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closing && c.pending() == 0 && c.last_input.elapsed() >= idle)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in idlers {
+            tracing::debug!("control client fd {fd} idle for {idle:?}: dropped");
+            if let Some(conn) = self.conns.get_mut(&fd) {
+                conn.queue(&error_line(
+                    None,
+                    ErrorCode::IdleTimeout,
+                    format!(
+                        "no request for {} ms; closing (reconnect to go on)",
+                        idle.as_millis()
+                    ),
+                ));
+                conn.closing = true;
+                conn.inbuf.clear();
+            }
+            self.settle(fd, ops);
         }
     }
 
@@ -321,9 +347,11 @@ fn serve_loop(socket: &ApiSocket, ctx: VmContext) -> Result<VmEnd, ServerError> 
     let end_event = EventFd::new(EFD_NONBLOCK).map_err(|e| loop_err("eventfd", e))?;
     let notifier = end_event.try_clone().map_err(|e| loop_err("eventfd", e))?;
     let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| loop_err("eventfd", e))?;
+    let idle_timeout = idle_timeout();
+    let tick = TICK.min(idle_timeout / 2).max(Duration::from_millis(10));
     let mut timer = TimerFd::new().map_err(|e| loop_err("timerfd", e))?;
     timer
-        .reset(TICK, Some(TICK))
+        .reset(tick, Some(tick))
         .map_err(|e| loop_err("timerfd", e))?;
     let listener = socket
         .listener()
@@ -341,6 +369,7 @@ fn serve_loop(socket: &ApiSocket, ctx: VmContext) -> Result<VmEnd, ServerError> 
         end_event,
         wake,
         timer,
+        idle_timeout,
         conns: HashMap::new(),
         backlog: HashSet::new(),
         handler: Handler::new(ctx),

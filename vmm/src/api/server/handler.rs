@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::snapshot::{Snapshot, SnapshotCache};
 use crate::api::protocol::{
-    decode_request, to_line, ConfigReply, ErrorCode, Reply, Request, StateReply, StatsReply,
+    decode_request, to_line, ConfigReply, ErrorCode, RawId, Reply, Request, StateReply, StatsReply,
     VmState, PROTOCOL_VERSION,
 };
 use crate::config::VmConfig;
@@ -49,7 +48,7 @@ pub(super) fn serialize_line<T: Serialize>(message: &T) -> Vec<u8> {
 
 /// An error reply line.
 pub(super) fn error_line(
-    id: Option<Value>,
+    id: Option<RawId>,
     code: ErrorCode,
     message: impl Into<String>,
 ) -> Vec<u8> {
@@ -117,6 +116,7 @@ impl Handler {
             exits: snapshot.exits.clone(),
             vcpu_pauses: snapshot.vcpu_pauses,
             memconv: snapshot.memconv.clone(),
+            disk: snapshot.disk.clone(),
         };
         reply.state = self.state();
         reply

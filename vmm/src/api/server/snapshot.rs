@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::devices::BlkStats;
 use crate::vcpu::{ExitCounts, VmShared};
 
 /// Longest a `stats` snapshot is reused (see `Snapshot::reuse_for`).
@@ -17,6 +18,8 @@ pub(super) struct Snapshot {
     pub(super) exits: Vec<ExitCounts>,
     pub(super) vcpu_pauses: u64,
     pub(super) memconv: memconv::StatsSnapshot,
+    /// The block device's counters, when the VM has one.
+    pub(super) disk: Option<BlkStats>,
 }
 
 impl Snapshot {
@@ -25,14 +28,19 @@ impl Snapshot {
         let taken = Instant::now();
         // Exit counts first: the memconv snapshot may wait for a conversion batch to finish.
         let exits = shared.exit_counts();
-        let memconv = shared.memconv.stats();
+        let mut memconv = shared.memconv.stats();
+        // One pause counter everywhere: the vCPU control's (memslot edits and control-socket
+        // pauses), not only memconv's own.
+        let vcpu_pauses = shared.control.pause_count();
+        memconv.vcpu_pauses = vcpu_pauses;
         Snapshot {
             taken,
             cost: taken.elapsed(),
             uptime_ms: taken.duration_since(created).as_millis() as u64,
             exits,
-            vcpu_pauses: shared.control.pause_count(),
+            vcpu_pauses,
             memconv,
+            disk: shared.disk_stats(),
         }
     }
 

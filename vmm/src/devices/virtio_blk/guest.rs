@@ -1,10 +1,11 @@
-//! The device's access to guest memory ([`GuestAccess`]): every check that a range is shared
-//! and every read or write of a ring, descriptor, header, status byte or data buffer goes
-//! through here, over the shared-only [`DmaMemory`] view.
+//! The device's access to guest memory ([`GuestAccess`]): every pin of shared ranges and
+//! every read or write of a ring, descriptor, header, status byte or data buffer goes
+//! through here, over the shared-only [`DmaMemory`] view. Callers access only ranges they
+//! hold a pin on.
 
 use std::sync::Arc;
 
-use memconv::AccessError;
+use memconv::{DmaPin, FenceError};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
@@ -31,12 +32,13 @@ impl GuestAccess {
         Self { mem }
     }
 
-    /// Ok only if every byte of `[gpa, gpa + len)` is guest RAM and shared.
-    pub fn check_shared(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        self.mem.check_shared(gpa, len)
+    /// Pin the ranges `(gpa, len)`: Ok only if every byte is guest RAM and shared; no
+    /// conversion touches them while the pin lives.
+    pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<DmaPin<'_>, FenceError> {
+        self.mem.pin_shared(ranges)
     }
 
-    /// The shared store, for virtio-queue's ring accesses (rings checked shared first).
+    /// The shared store, for virtio-queue's ring accesses (rings pinned first).
     pub fn memory(&self) -> &GuestMemoryMmap<()> {
         self.mem.memory()
     }

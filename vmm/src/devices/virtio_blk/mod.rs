@@ -31,7 +31,9 @@ pub use config::{
     device_features, MAX_QUEUES, MAX_QUEUE_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };
-pub use disk::{Disk, DiskError, MAX_DISK_BYTES, MIN_DISK_BYTES, SECTOR_SIZE};
+pub use disk::{
+    Disk, DiskError, DiskIo, FailureLog, TransferError, MAX_DISK_BYTES, MIN_DISK_BYTES, SECTOR_SIZE,
+};
 pub use request::{
     BLK_ID, MAX_REQUEST_BYTES, REQ_HEADER_LEN, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -72,6 +74,7 @@ pub struct BlockDevice {
     path: String,
     capacity: u64,
     queues: usize,
+    disk_log: Arc<FailureLog>,
 }
 
 impl BlockDevice {
@@ -92,6 +95,7 @@ impl BlockDevice {
         .map_err(|e| DiskError::Queue(e.to_string()))?;
         let capacity = disk.len();
         let path = disk.path().display().to_string();
+        let disk_log = disk.failure_log();
         Ok(BlockDevice {
             core: Core::new(
                 State::new(transport, disk, MAX_QUEUE_SIZE),
@@ -103,6 +107,7 @@ impl BlockDevice {
             path,
             capacity,
             queues: cfg.num_queues,
+            disk_log,
         })
     }
 
@@ -147,9 +152,12 @@ impl BlockDevice {
 
     /// A copy of the counters.
     pub fn stats(&self) -> BlkStats {
-        self.core
-            .counters
-            .snapshot(&self.path, self.capacity, self.queues as u64)
+        self.core.counters.snapshot(
+            &self.path,
+            self.capacity,
+            self.queues as u64,
+            &self.disk_log,
+        )
     }
 
     /// Starts the poller thread.
@@ -158,6 +166,24 @@ impl BlockDevice {
         std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle))
+            .map_err(DiskError::Thread)
+    }
+
+    /// Starts the poller thread with a panic guard: a panic in it calls `on_panic` with the
+    /// panic's text (the VMM ends the VM with it) instead of leaving the guest without its disk.
+    pub fn spawn_poller_guarded(
+        self: &Arc<Self>,
+        on_panic: impl FnOnce(String) + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<()>, DiskError> {
+        let dev = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || {
+                let run = || poller::poll_loop(&dev.core, &dev.wakeup, dev.idle);
+                if let Err(msg) = crate::panic_guard::guarded(run) {
+                    on_panic(msg);
+                }
+            })
             .map_err(DiskError::Thread)
     }
 }

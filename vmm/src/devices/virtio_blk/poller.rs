@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use memconv::log_limit::LogLimiter;
+
 use super::queue::Core;
 use super::stats::bump;
 
@@ -61,6 +63,16 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
     while !wakeup.stop.load(Ordering::Relaxed) {
         let (done, active) = core.service_round();
         if done > 0 {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                static ROUNDS: LogLimiter = LogLimiter::new(10);
+                if ROUNDS.allow() {
+                    tracing::debug!(
+                        "virtio-blk: {done} requests completed this round, {} so far ({} rounds not shown so far)",
+                        core.counters.requests.load(Ordering::Relaxed),
+                        ROUNDS.suppressed()
+                    );
+                }
+            }
             last_work = Instant::now();
             continue;
         }
@@ -74,8 +86,20 @@ pub fn poll_loop(core: &Core, wakeup: &Wakeup, idle: Duration) {
             continue;
         }
         bump(&core.counters.sleeps, 1);
+        let slept = Instant::now();
         wakeup.sleep();
         core.after_wake();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            static SLEEPS: LogLimiter = LogLimiter::new(10);
+            if SLEEPS.allow() {
+                tracing::debug!(
+                    "virtio-blk: poller slept {} after {} idle, woken by a doorbell or the end ({} sleeps not shown so far)",
+                    memconv::stats::units::duration(slept.elapsed().as_nanos() as u64),
+                    memconv::stats::units::duration(idle.as_nanos() as u64),
+                    SLEEPS.suppressed()
+                );
+            }
+        }
         last_work = Instant::now();
     }
 }

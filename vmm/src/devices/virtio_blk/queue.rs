@@ -4,14 +4,22 @@
 //!
 //! Ring-level faults (rings not shared, a bogus available index, a head index out of range)
 //! set DEVICE_NEEDS_RESET and stop the device until the driver resets it, also counted.
+//!
+//! The DMA fence: a round pins the queue's three rings once (every descriptor, available and
+//! used ring access of the round happens under that pin) and each request pins its own
+//! buffers ([`super::request`]). When a conversion holds a ring (`Busy`) the queue is skipped
+//! this round; when it holds a request's buffers, that request and the ones after it go back
+//! to the available ring (`next_avail` rewound) and the round ends, releasing every pin:
+//! the device never waits for a vCPU while it holds a pin.
 
 use std::sync::{Mutex, MutexGuard};
 
+use memconv::{DmaPin, FenceError};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::disk::Disk;
 use super::guest::GuestAccess;
-use super::request::{Requests, Seg};
+use super::request::{Processed, Requests, Seg};
 use super::stats::{bump, Counters};
 use crate::devices::mmio::MmioTransport;
 
@@ -77,11 +85,14 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// At DRIVER_OK: every ready queue must be well formed and its rings shared.
+    /// At DRIVER_OK: every ready queue must be well formed and its rings shared (rings a
+    /// conversion holds right now are checked by the poller's first round instead: a vCPU
+    /// never waits for a conversion here).
     pub fn validate_queues(&self, st: &mut State) -> bool {
         let mem = self.guest.memory();
         for q in st.transport.queues.iter().filter(|q| q.ready()) {
-            if !q.is_valid(mem) || self.check_rings(q).is_err() {
+            let rings = self.pin_rings(q);
+            if !q.is_valid(mem) || matches!(rings, Err(e) if e != FenceError::Busy) {
                 tracing::debug!("virtio-blk: queue rejected at DRIVER_OK");
                 return false;
             }
@@ -89,14 +100,11 @@ impl Core {
         true
     }
 
-    fn check_rings(&self, q: &Queue) -> Result<(), QueueFault> {
+    /// One pin over the queue's descriptor table, available ring and used ring.
+    fn pin_rings(&self, q: &Queue) -> Result<DmaPin<'_>, FenceError> {
         let (d, a, u) = ring_sizes(q.size());
-        for (gpa, len) in [(q.desc_table(), d), (q.avail_ring(), a), (q.used_ring(), u)] {
-            if self.guest.check_shared(gpa, len).is_err() {
-                return Err(QueueFault::RingNotShared);
-            }
-        }
-        Ok(())
+        self.guest
+            .pin(&[(q.desc_table(), d), (q.avail_ring(), a), (q.used_ring(), u)])
     }
 
     /// Serves every ready queue once; returns (requests completed, device active).
@@ -137,10 +145,18 @@ impl Core {
         let mut pending = false;
         let mut fault = false;
         for q in st.transport.queues.iter_mut().filter(|q| q.ready()) {
-            if self.check_rings(q).is_err() {
-                fault = true;
-                break;
-            }
+            let _rings = match self.pin_rings(q) {
+                Ok(pin) => pin,
+                Err(FenceError::Busy) => {
+                    // A conversion holds a ring now: keep polling rather than sleep.
+                    pending = true;
+                    continue;
+                }
+                Err(_) => {
+                    fault = true;
+                    break;
+                }
+            };
             match q.enable_notification(mem) {
                 Ok(p) => pending |= p,
                 Err(_) => {
@@ -166,9 +182,12 @@ impl Core {
         let mem = self.guest.memory();
         for qi in 0..st.transport.queues.len() {
             let q = &st.transport.queues[qi];
-            if !q.ready() || self.check_rings(q).is_err() {
+            if !q.ready() {
                 continue;
             }
+            let Ok(_rings) = self.pin_rings(q) else {
+                continue;
+            };
             // With EVENT_IDX this writes nothing; without it, it sets NO_NOTIFY.
             let _ = st.transport.queues[qi].disable_notification(mem);
         }
@@ -183,7 +202,16 @@ impl Core {
             heads,
         } = st;
         let q = &mut transport.queues[qi];
-        self.check_rings(q)?;
+        // Every ring access of this round happens under this pin.
+        let _rings = match self.pin_rings(q) {
+            Ok(pin) => pin,
+            Err(FenceError::Busy) => {
+                bump(&self.counters.fence_retries, 1);
+                return Ok(0);
+            }
+            Err(FenceError::NotBacked { .. }) => return Err(QueueFault::Ring),
+            Err(_) => return Err(QueueFault::RingNotShared),
+        };
         heads.clear();
         {
             let iter = q.iter(mem).map_err(|e| {
@@ -199,12 +227,22 @@ impl Core {
             disk,
             counters: &self.counters,
         };
-        for &head in heads.iter() {
+        let first_avail = q.next_avail().wrapping_sub(heads.len() as u16);
+        for (i, &head) in heads.iter().enumerate() {
             if head >= size {
                 tracing::debug!("virtio-blk: queue {qi}: head index {head} >= size {size}");
                 return Err(QueueFault::Ring);
             }
-            let used_len = requests.process(segs, desc_table, size, head);
+            let used_len = match requests.process(segs, desc_table, size, head) {
+                Processed::Done(n) => n,
+                Processed::Retry => {
+                    // A conversion holds this request's pages: it and the rest wait for a
+                    // later round, with no pin held meanwhile.
+                    q.set_next_avail(first_avail.wrapping_add(i as u16));
+                    bump(&self.counters.fence_retries, 1);
+                    return Ok(i);
+                }
+            };
             bump(&self.counters.requests, 1);
             // The used ring was checked shared at the start of this round.
             q.add_used(mem, head, used_len).map_err(|e| {

@@ -1,16 +1,25 @@
-//! Request execution: walking a descriptor chain, checking that every byte it touches is
-//! shared before anything moves, executing IN, OUT, FLUSH and GET_ID against the disk, and
-//! writing the status byte.
+//! Request execution: walking a descriptor chain (under the round's ring pin), pinning every
+//! byte the request touches (header, data buffers, status byte) in one DMA-fence pin before
+//! anything moves, executing IN, OUT, FLUSH and GET_ID against the disk inside that pin, and
+//! writing the status byte before letting go.
 //!
 //! The device never panics on guest input. A request whose descriptors or buffers touch a
 //! page that is not shared (or not RAM) is completed with VIRTIO_BLK_S_IOERR and counted as
 //! a *violation* (no byte of it is transferred; if the status byte itself is not shared,
-//! nothing is written and the used length is 0). Other bad requests (malformed chains,
-//! indirect descriptors, which are not offered, out-of-range sectors, huge lengths, I/O
-//! errors) complete with IOERR (UNSUPP for unknown types) and count as *errors*.
+//! nothing is written and the used length is 0). A request whose pages a conversion holds
+//! right now is not executed: [`Processed::Retry`] puts it back for a later round. One whose
+//! shared-store pages are not allocated (an access would fault) fails with IOERR as an error.
+//! Other bad requests (malformed chains, indirect descriptors, which are not offered,
+//! out-of-range sectors, huge lengths, I/O errors) complete with IOERR (UNSUPP for unknown
+//! types) and count as *errors*; those the image failed (a
+//! [`TransferError`](super::disk::TransferError): full filesystem, truncated
+//! image, flush error) count as *io_errors* too.
 
-use std::io;
 use std::sync::atomic::{fence, Ordering};
+
+use memconv::{DmaPin, FenceError};
+use smallvec::SmallVec;
+use vm_memory::VolatileSlice;
 
 use super::disk::{Disk, SECTOR_SIZE};
 use super::guest::GuestAccess;
@@ -42,8 +51,18 @@ pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 enum ReqFail {
     /// Touches memory that is not shared: IOERR + violation.
     Violation,
+    /// The image failed the transfer or flush: IOERR + error + io_error.
+    Io,
     /// Anything else: IOERR + error.
     Error,
+}
+
+/// What became of a request.
+pub enum Processed {
+    /// Completed (any status): the used length, bytes written into the chain.
+    Done(u32),
+    /// A conversion holds some of its pages: not executed, nothing counted; put it back.
+    Retry,
 }
 
 /// One descriptor of a chain.
@@ -90,18 +109,41 @@ impl Requests<'_> {
         }
     }
 
-    /// Processes the request at `head` (`segs` is scratch space); returns the used length
-    /// (bytes written into the chain).
-    pub fn process(&self, segs: &mut Vec<Seg>, desc_table: u64, size: u16, head: u16) -> u32 {
+    /// Processes the request at `head` (`segs` is scratch space; the caller holds the ring
+    /// pin): its used length, or `Retry` if a conversion holds its pages now.
+    pub fn process(&self, segs: &mut Vec<Seg>, desc_table: u64, size: u16, head: u16) -> Processed {
         let walked = self.walk(segs, desc_table, size, head);
         // The status byte: the last descriptor, device-writable, at least one byte.
         let status_at = match segs.last() {
             Some(s) if s.write && s.len >= 1 && segs.len() >= 2 => Some(s.addr),
             _ => None,
         };
-        let result = match (walked, status_at) {
-            (Ok(()), Some(_)) => self.execute(segs),
-            _ => Err(ReqFail::Error),
+        let (result, pin) = match (walked, status_at) {
+            (Ok(()), Some(_)) => match self.pin_request(segs) {
+                Ok(pin) => (self.execute(segs), Some(pin)),
+                Err(FenceError::Busy) => return Processed::Retry,
+                Err(e @ FenceError::NotBacked { .. }) => {
+                    // An access would fault: fail the request instead (never expected).
+                    memconv::guest_warn!("virtio-blk: request refused: {e}");
+                    (Err(ReqFail::Error), None)
+                }
+                Err(e) => {
+                    tracing::debug!("virtio-blk: refused request: {e}");
+                    (Err(ReqFail::Violation), None)
+                }
+            },
+            _ => (Err(ReqFail::Error), None),
+        };
+        // The status byte is written under a pin: the request's, or its own.
+        let status_pin = match (pin, status_at) {
+            (Some(pin), _) => Some(pin),
+            (None, Some(gpa)) => match self.guest.pin(&[(gpa, 1)]) {
+                Ok(pin) => Some(pin),
+                Err(FenceError::Busy) => return Processed::Retry,
+                // Not shared: never written (the request is still counted, below).
+                Err(_) => None,
+            },
+            (None, None) => None,
         };
         let (status, data_len) = match result {
             Ok((st, n)) => (st, n),
@@ -113,33 +155,56 @@ impl Requests<'_> {
                 bump(&self.counters.errors, 1);
                 (VIRTIO_BLK_S_IOERR, 0)
             }
+            Err(ReqFail::Io) => {
+                bump(&self.counters.errors, 1);
+                bump(&self.counters.io_errors, 1);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
         };
-        let Some(status_gpa) = status_at else {
-            return 0;
+        let (Some(status_gpa), Some(_pin)) = (status_at, status_pin) else {
+            return Processed::Done(0);
         };
-        if self.guest.check_shared(status_gpa, 1).is_err() {
-            // A status byte that is not shared is never written (the request is already
-            // counted: as a violation by `execute`, or as an error for a malformed chain).
-            return 0;
-        }
         if self.guest.write(status_gpa, &[status]).is_err() {
-            return 0;
+            return Processed::Done(0);
         }
-        data_len.saturating_add(1)
+        Processed::Done(data_len.saturating_add(1))
     }
 
-    /// Executes a well-formed chain: Ok((status, bytes written to the guest)).
+    /// One pin over every byte a well-formed chain touches: the 16-byte header, the data
+    /// segments and the status byte (`segs` has at least two entries).
+    fn pin_request(&self, segs: &[Seg]) -> Result<DmaPin<'_>, FenceError> {
+        let last = segs.len() - 1;
+        let range = |(i, s): (usize, &Seg)| {
+            let len = if i == 0 {
+                REQ_HEADER_LEN.min(u64::from(s.len))
+            } else if i == last {
+                1
+            } else {
+                u64::from(s.len)
+            };
+            (s.addr, len)
+        };
+        let mut few = [(0u64, 0u64); 8];
+        let many: Vec<(u64, u64)>;
+        let ranges: &[(u64, u64)] = if segs.len() <= few.len() {
+            for (slot, r) in few.iter_mut().zip(segs.iter().enumerate().map(range)) {
+                *slot = r;
+            }
+            &few[..segs.len()]
+        } else {
+            many = segs.iter().enumerate().map(range).collect();
+            &many
+        };
+        self.guest.pin(ranges)
+    }
+
+    /// Executes a well-formed chain whose bytes the caller pinned: Ok((status, bytes written
+    /// to the guest)).
     fn execute(&self, segs: &[Seg]) -> Result<(u8, u32), ReqFail> {
         let (header, rest) = segs.split_first().ok_or(ReqFail::Error)?;
-        let (status, data) = rest.split_last().ok_or(ReqFail::Error)?;
+        let (_status, data) = rest.split_last().ok_or(ReqFail::Error)?;
         if header.write || u64::from(header.len) < REQ_HEADER_LEN {
             return Err(ReqFail::Error);
-        }
-        // Every byte the request touches must be shared, before anything moves.
-        self.shared(header.addr, REQ_HEADER_LEN)?;
-        self.shared(status.addr, 1)?;
-        for s in data {
-            self.shared(s.addr, u64::from(s.len))?;
         }
         let mut hdr = [0u8; 16];
         self.guest
@@ -164,14 +229,7 @@ impl Requests<'_> {
                     Some(end) if end <= self.disk.len() => {}
                     _ => return Err(ReqFail::Error),
                 }
-                let mut off = start;
-                for s in data {
-                    self.transfer(s, off, write_to_guest).map_err(|e| {
-                        tracing::debug!("virtio-blk: I/O at {off:#x} failed: {e}");
-                        ReqFail::Error
-                    })?;
-                    off += u64::from(s.len);
-                }
+                self.transfer(data, start, write_to_guest)?;
                 if write_to_guest {
                     bump(&self.counters.reads, 1);
                     bump(&self.counters.bytes_read, total);
@@ -183,7 +241,8 @@ impl Requests<'_> {
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.disk.flush().map_err(|_| ReqFail::Error)?;
+                // The disk logs its own failures (rate-limited).
+                self.disk.flush().map_err(|_| ReqFail::Io)?;
                 bump(&self.counters.flushes, 1);
                 Ok((VIRTIO_BLK_S_OK, 0))
             }
@@ -207,34 +266,24 @@ impl Requests<'_> {
         }
     }
 
-    fn shared(&self, gpa: u64, len: u64) -> Result<(), ReqFail> {
-        self.guest.check_shared(gpa, len).map_err(|e| {
-            tracing::debug!("virtio-blk: refused buffer {gpa:#x}+{len:#x}: {e}");
-            ReqFail::Violation
-        })
-    }
-
-    /// Moves `seg.len` bytes between the disk at `off` and guest memory (already checked).
-    fn transfer(&self, seg: &Seg, off: u64, to_guest: bool) -> io::Result<()> {
-        let len = seg.len as usize;
-        if len == 0 {
-            return Ok(());
+    /// Moves the request's data between the disk at `off` and guest memory (pinned by the
+    /// caller), in one vectored call.
+    fn transfer(&self, data: &[Seg], off: u64, to_guest: bool) -> Result<(), ReqFail> {
+        let mut slices: SmallVec<[VolatileSlice<'_>; 8]> = SmallVec::new();
+        for s in data.iter().filter(|s| s.len > 0) {
+            let slice = self.guest.slice(s.addr, s.len as usize).map_err(|e| {
+                tracing::debug!("virtio-blk: {e}");
+                ReqFail::Error
+            })?;
+            slices.push(slice);
         }
-        let in_disk = off
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= self.disk.len());
-        if !in_disk {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        let slice = self
-            .guest
-            .slice(seg.addr, len)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        if to_guest {
-            self.disk.read_into(off, &slice)?;
+        // The disk logs its own failures (rate-limited).
+        let moved = if to_guest {
+            self.disk.read_into(off, &slices)
         } else {
-            self.disk.write_from(off, &slice)?;
-        }
+            self.disk.write_from(off, &slices)
+        };
+        moved.map_err(|_| ReqFail::Io)?;
         fence(Ordering::Release);
         Ok(())
     }

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use super::disk::FailureLog;
 
 /// Counters, updated by the poller and the vCPU threads.
 #[derive(Default)]
@@ -18,11 +20,13 @@ pub struct Counters {
     pub(super) bytes_written: AtomicU64,
     pub(super) violations: AtomicU64,
     pub(super) errors: AtomicU64,
+    pub(super) io_errors: AtomicU64,
     pub(super) device_faults: AtomicU64,
     pub(super) notifies: AtomicU64,
     pub(super) sleeps: AtomicU64,
     pub(super) polls: AtomicU64,
     pub(super) resets: AtomicU64,
+    pub(super) fence_retries: AtomicU64,
 }
 
 /// Adds `n` to counter `c`.
@@ -31,8 +35,14 @@ pub fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    /// A snapshot, with the device's identity.
-    pub fn snapshot(&self, path: &str, capacity_bytes: u64, queues: u64) -> BlkStats {
+    /// A snapshot, with the device's identity and the disk's failure-log totals.
+    pub fn snapshot(
+        &self,
+        path: &str,
+        capacity_bytes: u64,
+        queues: u64,
+        log: &FailureLog,
+    ) -> BlkStats {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         BlkStats {
             path: path.to_string(),
@@ -48,17 +58,21 @@ impl Counters {
             bytes_written: g(&self.bytes_written),
             violations: g(&self.violations),
             errors: g(&self.errors),
+            io_errors: g(&self.io_errors),
+            io_error_log_suppressed: log.suppressed(),
             device_faults: g(&self.device_faults),
             notifies: g(&self.notifies),
             sleeps: g(&self.sleeps),
             polls: g(&self.polls),
             resets: g(&self.resets),
+            fence_retries: g(&self.fence_retries),
         }
     }
 }
 
 /// The device's statistics (JSON in `--stats-json` under `disk`).
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct BlkStats {
     /// Disk image path.
     pub path: String,
@@ -86,6 +100,11 @@ pub struct BlkStats {
     pub violations: u64,
     /// Other failed requests (malformed, out of range, I/O errors); violations not included.
     pub errors: u64,
+    /// Of `errors`, the requests the image failed (read, write or flush: full filesystem,
+    /// image truncated or read-only, EIO...), each completed with VIRTIO_BLK_S_IOERR.
+    pub io_errors: u64,
+    /// Image failures counted but not logged (the failure log's rate limit).
+    pub io_error_log_suppressed: u64,
     /// Ring-level faults that set DEVICE_NEEDS_RESET.
     pub device_faults: u64,
     /// QueueNotify writes (doorbell exits).
@@ -96,6 +115,9 @@ pub struct BlkStats {
     pub polls: u64,
     /// Device resets by the driver.
     pub resets: u64,
+    /// Requests or ring rounds put back because a conversion held their pages (the DMA
+    /// fence said busy); each was retried on a later round.
+    pub fence_retries: u64,
 }
 
 impl BlkStats {
@@ -103,7 +125,7 @@ impl BlkStats {
     pub fn render(&self) -> String {
         format!(
             "disk: {} ({} MiB, {} queues): requests {} (reads {}, writes {}, flushes {}, get_id {}, unsupported {}), \
-             read {} B, written {} B, violations {}, errors {}, device faults {}, doorbells {}, sleeps {}, resets {}\n",
+             read {:.1} MiB, written {:.1} MiB, violations {}, errors {} (io errors {}, {} not logged), device faults {}, doorbells {}, sleeps {}, resets {}\n",
             self.path,
             self.capacity_bytes >> 20,
             self.queues,
@@ -113,10 +135,12 @@ impl BlkStats {
             self.flushes,
             self.get_ids,
             self.unsupported,
-            self.bytes_read,
-            self.bytes_written,
+            memconv::stats::units::mib(self.bytes_read),
+            memconv::stats::units::mib(self.bytes_written),
             self.violations,
             self.errors,
+            self.io_errors,
+            self.io_error_log_suppressed,
             self.device_faults,
             self.notifies,
             self.sleeps,

@@ -1,12 +1,12 @@
-//! Unit tests of the block device over a fake shared-only memory: data round trips, the
-//! shared-only rule, hostile chains and rings, and the sleep announcement.
+//! Unit tests of the block device over plain guest memory behind a real memconv DMA fence
+//! (no conversion engine): data round trips, the shared-only rule, requests put back while
+//! a conversion holds their pages, hostile chains and rings, and the sleep announcement.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use memconv::AccessError;
+use memconv::fence::Fence;
+use memconv::{DmaPin, FenceError};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -22,24 +22,30 @@ const STATUS: u64 = 0x21000;
 const DATA: u64 = 0x100000;
 const QSIZE: u16 = 32;
 
+/// Guest memory whose pages are shared or private in a real fence (the engine's part, the
+/// page flips, done by the test under `begin_conversion`).
 struct FakeMem {
     mem: GuestMemoryMmap<()>,
-    private: Mutex<HashSet<u64>>,
+    fence: Fence,
+}
+
+impl FakeMem {
+    /// Page `page` becomes private (as a conversion would leave it).
+    fn make_private(&self, page: u64) {
+        let hold = self.fence.begin_conversion(page, page + 1).unwrap();
+        self.fence.set_shared(page, page + 1, false);
+        drop(hold);
+    }
+
+    /// Every page shared again.
+    fn share_all(&self) {
+        self.fence.set_shared(0, RAM / 4096, true);
+    }
 }
 
 impl DmaMemory for FakeMem {
-    fn check_shared(&self, gpa: u64, len: u64) -> Result<(), AccessError> {
-        let end = gpa
-            .checked_add(len)
-            .filter(|&e| e <= RAM)
-            .ok_or(AccessError::OutOfRam { gpa, len })?;
-        let private = self.private.lock().unwrap();
-        for page in gpa / 4096..end.div_ceil(4096) {
-            if private.contains(&page) {
-                return Err(AccessError::NotShared { gpa: page * 4096 });
-            }
-        }
-        Ok(())
+    fn pin_shared(&self, ranges: &[(u64, u64)]) -> Result<DmaPin<'_>, FenceError> {
+        self.fence.pin(ranges)
     }
 
     fn memory(&self) -> &GuestMemoryMmap<()> {
@@ -71,8 +77,9 @@ fn rig(name: &str, event_idx: bool) -> Rig {
     let disk = Disk::open(&dir.join("d.img"), Some(1 << 20)).unwrap();
     let mem = Arc::new(FakeMem {
         mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap(),
-        private: Mutex::new(HashSet::new()),
+        fence: Fence::new(RAM, Duration::from_millis(20)),
     });
+    mem.share_all();
     let dev = BlockDevice::new(disk, mem.clone(), &BlkConfig::default()).unwrap();
     w32(&dev, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
     let lo = device_features() as u32;
@@ -203,7 +210,7 @@ fn private_buffers_are_refused_and_counted() {
     r.m()
         .write_slice(&[0xab; 4096], GuestAddress(DATA))
         .unwrap();
-    r.mem.private.lock().unwrap().insert(DATA / 4096 + 1);
+    r.mem.make_private(DATA / 4096 + 1);
     // The second page of the buffer is private: nothing may move.
     r.request(0, VIRTIO_BLK_T_IN, 0, DATA, 8192);
     assert_eq!(r.round(), 1);
@@ -215,12 +222,12 @@ fn private_buffers_are_refused_and_counted() {
         "a refused read must not write the guest buffer"
     );
     // A private header, then a private status byte (not written at all).
-    r.mem.private.lock().unwrap().insert(HDR / 4096);
+    r.mem.make_private(HDR / 4096);
     r.request(1, VIRTIO_BLK_T_OUT, 0, DATA, 512);
     r.round();
     assert_eq!(r.status(1), VIRTIO_BLK_S_IOERR);
-    r.mem.private.lock().unwrap().clear();
-    r.mem.private.lock().unwrap().insert(STATUS / 4096);
+    r.mem.share_all();
+    r.mem.make_private(STATUS / 4096);
     r.request(2, VIRTIO_BLK_T_OUT, 0, DATA, 512);
     r.round();
     assert_eq!(r.status(2), 0xff);
@@ -307,7 +314,7 @@ fn bad_head_index_needs_reset() {
 #[test]
 fn private_rings_need_reset() {
     let r = rig("ring", true);
-    r.mem.private.lock().unwrap().insert(USED / 4096);
+    r.mem.make_private(USED / 4096);
     assert_eq!(r.round(), 0);
     assert!(r.needs_reset());
     let s = r.dev.stats();
@@ -397,4 +404,52 @@ fn disk_open_errors_are_clear() {
     // An existing image keeps its size.
     let d = Disk::open(&dir.join("new.img"), Some(16 << 20)).unwrap();
     assert_eq!(d.len(), 8 << 20);
+}
+
+#[test]
+fn requests_wait_for_a_conversion_holding_their_pages() {
+    // The data buffer lies away from the rings.
+    const FAR: u64 = 0x300000;
+    let mut r = rig("fence", true);
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+    r.m().write_slice(&pattern, GuestAddress(FAR)).unwrap();
+    r.request(0, VIRTIO_BLK_T_OUT, 0, FAR, 4096);
+    r.request(1, VIRTIO_BLK_T_IN, 0, DATA, 4096);
+    // A conversion holds the buffer's chunk: request 0 and the one after it are put back.
+    let page = FAR / 4096;
+    let hold = r.mem.fence.begin_conversion(page, page + 1).unwrap();
+    assert_eq!(r.round(), 0);
+    assert_eq!((r.status(0), r.used_idx()), (0xff, 0));
+    assert_eq!(r.round(), 0, "retried while the conversion runs");
+    drop(hold);
+    assert_eq!(r.round(), 2);
+    assert_eq!(
+        (r.status(0), r.status(1)),
+        (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK)
+    );
+    let mut back = vec![0u8; 4096];
+    r.m().read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, pattern);
+    // A conversion holding a ring page: the whole queue waits; no fault.
+    r.request(2, VIRTIO_BLK_T_IN, 0, FAR, 512);
+    let hold = r
+        .mem
+        .fence
+        .begin_conversion(USED / 4096, USED / 4096 + 1)
+        .unwrap();
+    assert_eq!(r.round(), 0);
+    assert!(
+        r.dev.core.prepare_sleep(),
+        "no sleep while a conversion holds the rings"
+    );
+    drop(hold);
+    assert_eq!(r.round(), 1);
+    // The buffer converted to private after that: refused as a violation.
+    r.mem.make_private(page);
+    r.request(3, VIRTIO_BLK_T_IN, 0, FAR, 512);
+    assert_eq!(r.round(), 1);
+    assert_eq!(r.status(3), VIRTIO_BLK_S_IOERR);
+    let s = r.dev.stats();
+    assert_eq!((s.requests, s.violations, s.errors), (4, 1, 0));
+    assert!(s.fence_retries >= 3, "{s:?}");
 }

@@ -139,6 +139,10 @@ fn phase_rate(
     };
     let (_, v0) = control.stats()?;
     std::thread::sleep(opts.phase);
+    if opts.phase >= crate::api::server::idle_timeout() / 2 {
+        // A long phase idles the control connection: the server may have dropped it.
+        *control = Client::connect(socket, Duration::from_secs(10))?;
+    }
     let (_, v1) = control.stats()?;
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = poll_thread {
@@ -184,6 +188,7 @@ pub fn run(opts: &ApiBenchOptions) -> Result<String, BenchError> {
     let run_opts = RunOptions {
         console: Some(Console::with_writer(Box::new(std::io::sink()))),
         api_socket: Some(socket.clone()),
+        ..Default::default()
     };
     let vm_cfg = cfg.clone();
     let thread = std::thread::Builder::new()

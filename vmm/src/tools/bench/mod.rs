@@ -10,17 +10,14 @@ mod pool;
 
 pub use boot::boot;
 pub use common::BenchError;
-pub use io::io;
+pub use io::{io, IoBenchOptions};
 pub use pool::pool;
 
 /// One benchmark with its parameters (`vmm bench ...`).
 #[derive(Clone, Debug)]
 pub enum Bench {
-    /// `vmm bench io`: seconds per measurement.
-    Io {
-        /// Seconds per measurement.
-        secs: u64,
-    },
+    /// `vmm bench io`.
+    Io(io::IoBenchOptions),
     /// `vmm bench pool`.
     Pool {
         /// Milliseconds per measurement.
@@ -44,7 +41,7 @@ pub enum Bench {
 /// Runs a benchmark and returns its report.
 pub fn run(bench: &Bench) -> Result<String, BenchError> {
     match bench {
-        Bench::Io { secs } => io(*secs),
+        Bench::Io(opts) => io(opts),
         Bench::Pool { ms, size } => pool(*ms, *size),
         Bench::Boot {
             runs,

@@ -1,7 +1,9 @@
 //! `vmm conform`: the conformance suite. Runs every selected cell of the matrix (pool policy x
 //! store pair x host granularity x workload) as its own `vmm run` of the `io` guest (a child
 //! process, so a crashing VMM is seen as such), checks the invariants, and writes the table,
-//! JSON, CSV and charts.
+//! JSON, CSV and charts. Every cell's guest command line is checked before any cell runs (a
+//! bad `--cmdline` is a usage error, not a failing cell); each cell's disk image is removed
+//! when the cell is done unless `--keep`.
 
 pub mod chart;
 pub mod invariants;
@@ -55,6 +57,17 @@ pub enum ConformError {
     /// Writing results failed.
     #[error(transparent)]
     Report(#[from] ReportError),
+    /// A cell's guest command line would be refused by the guest (a bad `--cmdline`).
+    #[error("cell {cell}: {source}")]
+    Cmdline {
+        /// The first cell whose command line is refused.
+        cell: String,
+        /// Why.
+        source: crate::guest_cmdline::CmdlineError,
+    },
+    /// The guest cannot be found.
+    #[error(transparent)]
+    Guest(#[from] crate::fixtures::FixtureError),
 }
 
 /// How to run the suite.
@@ -78,6 +91,8 @@ pub struct ConformOptions {
     pub extra_cmdline: String,
     /// Longest a cell may run.
     pub timeout: Duration,
+    /// Keep each cell's disk image (`--keep`); by default it is removed when the cell is done.
+    pub keep_disks: bool,
     /// The platform every cell runs on (`--platform`).
     pub platform: memconv::Platform,
 }
@@ -110,6 +125,24 @@ fn free_hugepages() -> (u64, u64) {
     (field("HugePages_Free:"), field("HugePages_Total:"))
 }
 
+/// The guest command line of `cell`.
+fn cell_cmdline(cell: &Cell, opts: &ConformOptions) -> String {
+    format!(
+        "policy={} {} {}",
+        cell.policy,
+        cell.workload.cmdline(),
+        opts.extra_cmdline
+    )
+    .trim()
+    .to_string()
+}
+
+/// `m:ss` for an ETA.
+fn clock(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
 /// Runs one cell's VM to completion (or kills it at the timeout).
 fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunData, f64) {
     let stats = dir.join("stats.json");
@@ -117,12 +150,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
     let disk = dir.join("disk.img");
     let _ = std::fs::remove_file(&stats);
     let _ = std::fs::remove_file(&disk);
-    let cmdline = format!(
-        "policy={} {} {}",
-        cell.policy,
-        cell.workload.cmdline(),
-        opts.extra_cmdline
-    );
+    let cmdline = cell_cmdline(cell, opts);
     let started = Instant::now();
     let child = Command::new(exe)
         .arg("run")
@@ -136,7 +164,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
         .arg("--disk")
         .arg(&disk)
         .args(["--disk-size", "64M"])
-        .args(["--cmdline", cmdline.trim()])
+        .args(["--cmdline", &cmdline])
         .arg("--stats-json")
         .arg(&stats)
         .arg("--serial")
@@ -180,6 +208,13 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
     } else {
         run.exit_code = Some(crate::exit_codes::EXIT_VM_CRASHED.into());
     }
+    if !opts.keep_disks {
+        if let Err(e) = std::fs::remove_file(&disk) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", disk.display());
+            }
+        }
+    }
     run.serial = std::fs::read_to_string(&serial).unwrap_or_default();
     run.summary = std::fs::read(&stats)
         .ok()
@@ -200,6 +235,14 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
         .collect();
     if cells.is_empty() {
         return Err(ConformError::NoCells(opts.filters.clone()));
+    }
+    let guest = crate::fixtures::resolve(&opts.guest)?;
+    for cell in &cells {
+        crate::guest_cmdline::check(&guest, &cell_cmdline(cell, opts), cell.workload.cpus())
+            .map_err(|source| ConformError::Cmdline {
+                cell: cell.id(),
+                source,
+            })?;
     }
     let jobs = opts.jobs.clamp(1, cells.len());
     let per_cell = cells
@@ -224,10 +267,14 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
     let exe = std::env::current_exe().map_err(ConformError::SelfExe)?;
 
     let bar = ProgressBar::new(cells.len() as u64);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} cells {elapsed} {msg}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} cells {elapsed} elapsed, ETA {eta} {msg}",
+    ) {
         bar.set_style(style);
     }
     let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let suite_started = Instant::now();
     let results: Mutex<Vec<Option<CellResult>>> = Mutex::new(vec![None; cells.len()]);
     std::thread::scope(|scope| {
         for _ in 0..jobs {
@@ -248,17 +295,32 @@ pub fn run(opts: &ConformOptions) -> Result<ConformOutcome, ConformError> {
                         CellResult::new(cell.clone(), &run, 0.0)
                     }
                 };
+                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
+                let left = cells.len() - finished;
+                let eta = suite_started
+                    .elapsed()
+                    .mul_f64(left as f64 / finished as f64);
+                let progress = format!("[{finished}/{}, ETA {}]", cells.len(), clock(eta));
                 let line = if result.failed_invariant() {
-                    format!("FAIL {} [{}]", result.id, result.failed().join(", "))
+                    format!(
+                        "FAIL {} [{}] {progress}",
+                        result.id,
+                        result.failed().join(", ")
+                    )
                 } else {
                     format!(
-                        "{} {} ({:.1} s)",
+                        "{} {} ({:.1} s) {progress}",
                         result.verdict(),
                         result.id,
                         result.run_seconds
                     )
                 };
-                bar.println(line);
+                // A hidden bar (stderr not a terminal) prints nothing: say it plainly.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 bar.inc(1);
                 results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
             });

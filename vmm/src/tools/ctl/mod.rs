@@ -20,7 +20,7 @@ use serde_json::Value;
 pub use client::{Client, ClientError, RawReply};
 pub use table::render_table;
 
-use crate::api::protocol::{ProtocolError, Request, StateReply, StatsView};
+use crate::api::protocol::{ErrorCode, ProtocolError, Request, StateReply, StatsView};
 use crate::tools::metrics::{self, Labels};
 
 /// What `vmm ctl` does.
@@ -141,7 +141,26 @@ pub fn ctl(opts: &CtlOptions, out: &mut dyn Write) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `stats --watch`: one table (or JSON line) every `secs` seconds until the VM ends.
+/// Whether `e` means the VMM dropped this connection (it closed it, or told us it was idle),
+/// so a new connection may go on.
+fn dropped(e: &ClientError) -> bool {
+    match e {
+        ClientError::Closed(_) => true,
+        ClientError::Remote { code, .. } => *code == ErrorCode::IdleTimeout,
+        ClientError::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        _ => false,
+    }
+}
+
+/// Consecutive reconnects without one reply in between before `--watch` gives up.
+const MAX_RECONNECTS: u32 = 3;
+
+/// `stats --watch`: one table (or JSON line) every `secs` seconds until the VM ends. A
+/// connection the VMM drops (e.g. idle for longer than its idle timeout, when `secs` is long)
+/// is opened again; the VM has ended when its socket is gone.
 fn watch(
     client: &mut Client,
     opts: &CtlOptions,
@@ -152,9 +171,27 @@ fn watch(
     let clear = !opts.json && std::io::stdout().is_terminal();
     // The previous distinct snapshot (replies may reuse one: see `age_ms`).
     let mut prev: Option<StatsView> = None;
+    let mut reconnects = 0;
     loop {
         let (raw, view) = match client.stats() {
-            Ok(r) => r,
+            Ok(r) => {
+                reconnects = 0;
+                r
+            }
+            Err(e) if dropped(&e) && reconnects < MAX_RECONNECTS => {
+                reconnects += 1;
+                match Client::connect(&opts.socket, opts.timeout) {
+                    Ok(c) => {
+                        *client = c;
+                        continue;
+                    }
+                    Err(ClientError::NoSocket(_) | ClientError::Refused(_)) => {
+                        writeln!(out, "the VM has ended")?;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             Err(ClientError::Closed(_)) => {
                 writeln!(out, "the VM has ended")?;
                 return Ok(());

@@ -1,14 +1,12 @@
 //! The readable `stats` table of `vmm ctl SOCKET stats`: counters, and with an earlier snapshot
 //! (`--watch`), rates.
 
+use memconv::stats::units::{duration, mib};
+
 use crate::api::protocol::StatsView;
 
 /// A counter read from an earlier snapshot (for a rate).
 type Counter = fn(&StatsView) -> u64;
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
-}
 
 /// A readable table of a `stats` reply; with an earlier snapshot, rates.
 pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
@@ -88,12 +86,12 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     let l = &m.latency;
     let _ = writeln!(
         o,
-        "latency: n={} mean {:.1} us, p50 <= {:.1} us, p99 <= {:.1} us, max {:.1} us",
+        "latency: n={} mean {}, p50 <= {}, p99 <= {}, max {}",
         l.count,
-        l.mean_ns as f64 / 1e3,
-        l.p50_ns_le as f64 / 1e3,
-        l.p99_ns_le as f64 / 1e3,
-        l.max_ns as f64 / 1e3
+        duration(l.mean_ns),
+        duration(l.p50_ns_le),
+        duration(l.p99_ns_le),
+        duration(l.max_ns)
     );
     let _ = writeln!(
         o,
@@ -113,13 +111,14 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
     let d = &m.double_alloc;
     let _ = writeln!(
         o,
-        "double allocation: computed {:.1} MiB (peak {:.1}), kernel {:.1} MiB; mixed chunks {} (peak {}), memslots {}",
+        "double allocation: kernel-measured {:.1} MiB, engine bound {:.1} MiB (peak {:.1}); mixed chunks {} (peak {}), memslots {}, vcpu pauses {}",
+        mib(d.kernel_bytes),
         mib(d.computed_bytes),
         mib(d.computed_peak_bytes),
-        mib(d.kernel_bytes),
         m.mixed_chunks,
         m.mixed_chunks_peak,
-        m.memslots
+        m.memslots,
+        s.vcpu_pauses
     );
     const REASONS: [&str; 9] = [
         "total",
@@ -157,7 +156,7 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
         Some(p) => {
             let _ = writeln!(
                 o,
-                "guest pool '{}': used {:.1} / {:.1} MiB (high water {:.1}), shared {:.1} MiB (peak {:.1}), maps {} failures {}, throttle waits {} ({:.1} ms), conversions 4k {} 2m {} other {}",
+                "guest pool '{}': used {:.1} / {:.1} MiB (high water {:.1}), shared {:.1} MiB (peak {:.1}), maps {} failures {}, throttle waits {} ({}), conversions 4k {} 2m {} other {}",
                 p.policy,
                 mib(p.used_bytes),
                 mib(p.capacity_bytes),
@@ -167,7 +166,7 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
                 p.maps,
                 p.map_failures,
                 p.throttle_waits,
-                p.throttle_wait_ns as f64 / 1e6,
+                duration(p.throttle_wait_ns),
                 p.conversions_4k,
                 p.conversions_2m,
                 p.conversions_other
@@ -176,6 +175,20 @@ pub fn render_table(s: &StatsView, prev: Option<&StatsView>) -> String {
         None => {
             let _ = writeln!(o, "guest pool: no report yet");
         }
+    }
+    if let Some(d) = &s.disk {
+        let _ = writeln!(
+            o,
+            "disk {}: requests {} (reads {}, writes {}), errors {} (io errors {}), violations {}, device faults {}",
+            d.path,
+            d.requests,
+            d.reads,
+            d.writes,
+            d.errors,
+            d.io_errors,
+            d.violations,
+            d.device_faults
+        );
     }
     o
 }
@@ -208,5 +221,15 @@ mod tests {
         let t = render_table(&later, Some(&s));
         assert!(t.contains("1000"), "{t}");
         assert!(t.contains("exits/s 40"), "{t}");
+        assert!(!t.contains("disk "), "no disk line without a disk: {t}");
+        later.disk = Some(crate::devices::BlkStats {
+            path: "d.img".into(),
+            errors: 2,
+            io_errors: 2,
+            ..Default::default()
+        });
+        let t = render_table(&later, None);
+        assert!(t.contains("disk d.img: requests 0"), "{t}");
+        assert!(t.contains("errors 2 (io errors 2)"), "{t}");
     }
 }
