@@ -214,11 +214,12 @@ fn snp_rescind_before_share() {
 
 #[test]
 fn double_accept_warnings_are_rate_limited_and_every_one_counted() {
-    let (_host, svc) = service(
+    let (_host, svc) = service_unaccepted(
         32 * MB,
         StoreKind::Memfd,
         StoreKind::Memfd,
         Granularity::Page4K,
+        Platform::Tdx,
     );
     let unit = 2 * HUGE_PAGE_SIZE;
     assert_eq!(svc.accept(unit, PAGES_PER_CHUNK), abi::STATUS_OK);
