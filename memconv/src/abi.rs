@@ -116,6 +116,10 @@ pub const MAX_DEVICES: usize = 8;
 pub const DEVICE_NONE: u32 = 0;
 /// `DeviceInfo::kind` of a virtio-mmio device.
 pub const DEVICE_VIRTIO_MMIO: u32 = 1;
+/// `DeviceInfo::kind` of the replay op stream (`vmm replay`): not a device but a host-filled
+/// region of guest RAM, `[mmio_gpa, mmio_gpa + mmio_len)`, below `BootInfo::free_start`,
+/// holding a [`crate::replay_ops`] stream.
+pub const DEVICE_REPLAY_STREAM: u32 = 2;
 
 /// A device the host exposes in the MMIO window.
 #[repr(C)]

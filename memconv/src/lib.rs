@@ -3,6 +3,8 @@
 //! `abi` is the wire contract shared with the guest and is `no_std`; everything else (stores,
 //! the conversion engine, accounting) needs the `host` feature, on by default.
 //!
+//! [`replay_ops`] (no_std too) is the binary op stream of a replayed Linux DMA trace.
+//!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
 //! (per-4K attributes), [`acceptance`] (per-4K acceptance, the platform's rules, unaccepted
 //! chunks cut out of the view), [`layout`] (guest view and memslot layout), [`engine`]
@@ -17,6 +19,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
+pub mod replay_ops;
 
 #[cfg(feature = "host")]
 pub mod acceptance;

@@ -257,6 +257,9 @@ pub struct BootInfoParams<'a> {
     pub devices: &'a [DeviceInfo],
     /// TSC frequency in kHz, 0 if unknown.
     pub tsc_khz: u32,
+    /// End of host-filled regions after the image (the replay op stream), 0 if none:
+    /// `free_start` comes after it.
+    pub reserved_end: u64,
 }
 
 /// Writes the boot-info page and the command line.
@@ -279,7 +282,11 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, p: &BootInfoParams<'_>) -> Result<
         tsc_khz: p.tsc_khz,
         image_start: p.image.start,
         image_end: p.image.end,
-        free_start: p.image.end.next_multiple_of(abi::HUGE_PAGE_SIZE),
+        free_start: p
+            .image
+            .end
+            .max(p.reserved_end)
+            .next_multiple_of(abi::HUGE_PAGE_SIZE),
         mmio_base: abi::MMIO_BASE_GPA,
         mmio_size: abi::MMIO_SIZE,
         device_count: p.devices.len().min(abi::MAX_DEVICES) as u32,

@@ -17,7 +17,7 @@ use crate::fixtures::{self, FixtureError};
 use crate::guest_cmdline;
 use crate::main_job::{self, TempDisk};
 use crate::run;
-use crate::tools::{bench, conform, ctl, metrics_http};
+use crate::tools::{bench, conform, ctl, metrics_http, replay};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +46,68 @@ enum Command {
     /// Talk to a running VM's control socket (`vmm run --api-socket PATH`). Exit status 2 when
     /// no VMM serves PATH, 1 when the VMM refuses the command.
     Ctl(CtlArgs),
+    /// Replay a Linux DMA-API trace (ftrace text of dma:* and swiotlb:* events, plain or
+    /// gzip). `--describe` prints its per-device summary and Linux slot model without a VM.
+    Replay(ReplayArgs),
+}
+
+/// Flags of `vmm replay`.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The trace: `/sys/kernel/tracing/trace` or `trace-cmd report` text, plain or gzip.
+    #[arg(value_name = "TRACE")]
+    trace: PathBuf,
+    /// The capture's swiotlb statistics (`W.swiotlb_stats`): `io_tlb_used` before the
+    /// workload is held from the start, `io_tlb_used_hiwater` after it is shown beside the model.
+    #[arg(long, value_name = "FILE")]
+    swiotlb_stats: Option<PathBuf>,
+    /// Maps of DEVICE may block whatever the trace's irq flags say (repeatable).
+    #[arg(long, value_name = "DEVICE")]
+    may_block: Vec<String>,
+    /// Print the summary without a VM.
+    #[arg(long)]
+    describe: bool,
+    /// With --describe: the summary as JSON.
+    #[arg(long, requires = "describe")]
+    json: bool,
+    /// Write the encoded op stream (the bytes the guest executes) to FILE.
+    #[arg(long, value_name = "FILE")]
+    dump_stream: Option<PathBuf>,
+    /// Pool options for the guest (the swiotlb crate's keys). The default is legacy configured
+    /// as the traces' Linux was: 64 MiB (areas = vCPUs: 2).
+    #[arg(long, value_name = "ARGS", default_value = "policy=legacy pool=64M")]
+    cmdline: String,
+    /// Replay the recorded gaps scaled by 1/X (default: as fast as possible).
+    #[arg(long, value_name = "X")]
+    speed: Option<f64>,
+    /// Guest RAM.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = size)]
+    mem: u64,
+    /// vCPUs (the pool's areas; vCPU 0 replays).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    cpus: u32,
+    /// Store behind private memory: memfd, hugetlb or gmem.
+    #[arg(long, value_name = "STORE", default_value = "memfd")]
+    private: StoreKind,
+    /// Store behind shared memory: memfd or hugetlb.
+    #[arg(long, value_name = "STORE", default_value = "memfd")]
+    shared: StoreKind,
+    /// Host conversion granularity: 4k or 2m.
+    #[arg(long, value_name = "4k|2m", default_value = "4k")]
+    granularity: Granularity,
+    /// The disk image the device moves data through (overwritten with the check pattern;
+    /// default: a file in the temporary directory, removed afterwards).
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Its size.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = size)]
+    disk_size: u64,
+    /// Write `replay.*` and the run's statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Do not echo the guest's console.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// `vmm ctl SOCKET COMMAND`.
@@ -592,7 +654,90 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Ctl(args) => cmd_ctl(&args),
+        Command::Replay(args) => cmd_replay(&args),
     }
+}
+
+fn cmd_replay(args: &ReplayArgs) -> ExitCode {
+    let opts = replay::ReplayOptions {
+        trace: args.trace.clone(),
+        swiotlb_stats: args.swiotlb_stats.clone(),
+        may_block: args.may_block.clone(),
+        json: args.json,
+        dump_stream: args.dump_stream.clone(),
+    };
+    if !args.describe {
+        return cmd_replay_vm(args, &opts);
+    }
+    match replay::describe(&opts) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn cmd_replay_vm(args: &ReplayArgs, opts: &replay::ReplayOptions) -> ExitCode {
+    if let Some(s) = args.speed {
+        if !(s.is_finite() && s > 0.0) {
+            return fail(format!("--speed {s}: expected a factor above 0"));
+        }
+    }
+    let temp = args.disk.is_none();
+    let disk = args.disk.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("vmm-replay-{}.img", std::process::id()))
+    });
+    let r = replay::ReplayRun {
+        mem: args.mem,
+        cpus: args.cpus,
+        cmdline: args.cmdline.clone(),
+        speed: args.speed,
+        private: args.private,
+        shared: args.shared,
+        granularity: args.granularity,
+        disk: disk.clone(),
+        disk_size: args.disk_size.next_multiple_of(512),
+        echo: !args.quiet,
+    };
+    let result = replay::run(opts, &r);
+    if temp {
+        let _ = std::fs::remove_file(&disk);
+    }
+    let (_, report) = match result {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    if let Some(path) = &args.stats_json {
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|json| std::fs::write(path, json).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            return fail(format!("cannot write --stats-json {}: {e}", path.display()));
+        }
+    }
+    let g = |k: &str| {
+        report
+            .replay
+            .get(k)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
+    println!(
+        "replay: ops={} maps={} failed_maps={} high_water_slots={} (model {}, Linux {}) high_water_bytes={} moved={} unmoved={} verified={} mismatches={}",
+        g("ops"),
+        g("maps"),
+        g("failed_maps"),
+        g("high_water_slots"),
+        g("model_high_water_slots"),
+        g("linux_hiwater_slots"),
+        g("high_water_bytes"),
+        g("moved"),
+        g("unmoved"),
+        g("verified"),
+        g("mismatches")
+    );
+    ExitCode::from(report.run.exit_status)
 }
 
 fn cmd_ctl(args: &CtlArgs) -> ExitCode {

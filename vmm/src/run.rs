@@ -49,6 +49,14 @@ pub enum RunError {
     /// Execution mode problems.
     #[error(transparent)]
     Pvm(#[from] PvmError),
+    /// The replay op stream does not fit in guest RAM.
+    #[error("the replay op stream ({len} bytes) does not fit in half of the guest's {mem} bytes of RAM: raise --mem")]
+    ReplayTooLarge {
+        /// Stream bytes.
+        len: u64,
+        /// Guest RAM.
+        mem: u64,
+    },
     /// Serial output problems.
     #[error(transparent)]
     Serial(#[from] SerialError),
@@ -263,6 +271,9 @@ pub struct RunOptions {
     pub console: Option<Console>,
     /// Serve the control socket at this path while the VM runs (`--api-socket`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// A replay op stream (`vmm replay`) to place in guest RAM after the image, named in the
+    /// boot info as a `DEVICE_REPLAY_STREAM` entry.
+    pub replay_stream: Option<std::sync::Arc<Vec<u8>>>,
     /// Stop signals end this VM (`vmm run`: [`SignalStop::install`] before anything else).
     pub signals: Option<Arc<SignalStop>>,
     /// Told when the vCPUs start and when the VM has ended (e.g. the `--metrics-addr` HTTP
@@ -294,6 +305,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let RunOptions {
         console,
         api_socket,
+        replay_stream,
         signals,
         mut observer,
     } = opts;
@@ -354,7 +366,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
         }
         None => Devices::none(),
     };
-    let device_infos = devices.infos();
+    let mut device_infos = devices.infos();
 
     let mem = memconv.private_memory();
     // The image is the platform's initial memory: accepted (backed, mapped) before it is
@@ -367,6 +379,24 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             source,
         })?;
     let loaded = boot::load_image(mem, &image, cfg.mem)?;
+    let mut reserved_end = 0;
+    if let Some(stream) = &replay_stream {
+        let gpa = loaded.end.next_multiple_of(abi::HUGE_PAGE_SIZE);
+        let len = stream.len() as u64;
+        // Leave at least half of RAM to the guest.
+        if gpa + len > cfg.mem / 2 {
+            return Err(RunError::ReplayTooLarge { len, mem: cfg.mem });
+        }
+        vm_memory::Bytes::write_slice(mem, stream, vm_memory::GuestAddress(gpa))
+            .map_err(|source| boot::BootError::Memory { gpa, source })?;
+        device_infos.push(abi::DeviceInfo {
+            kind: abi::DEVICE_REPLAY_STREAM,
+            id: 0,
+            mmio_gpa: gpa,
+            mmio_len: len,
+        });
+        reserved_end = gpa + len;
+    }
     boot::write_page_tables(mem, cfg.mem)?;
     let mut flags = 0;
     if native {
@@ -388,6 +418,7 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             image: loaded,
             devices: &device_infos,
             tsc_khz: vcpus[0].get_tsc_khz().unwrap_or(0),
+            reserved_end,
         },
     )?;
 

@@ -159,6 +159,14 @@ pub const IO_KEYS: &[Key] = &[
     key("report_ms", Accepts::Io, "milliseconds"),
     key("ramp_ms", Accepts::Io, "milliseconds"),
     key("broken", Accepts::Io, "private-buffer"),
+    // `vmm replay` (the io fixture's replay module reads these itself).
+    num(
+        "replay_speed_milli",
+        0,
+        u64::MAX,
+        "recorded gaps x1000/N (set by --speed)",
+    ),
+    num("replay_arena", 1 << 21, u64::MAX, "bytes, at least 2M"),
 ];
 
 const CONVERT_KEYS: &[Key] = &[
