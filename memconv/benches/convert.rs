@@ -21,7 +21,7 @@ use std::time::Instant;
 use memconv::abi::{self, HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
 use memconv::layout::View;
 use memconv::store::{huge_pages_available, Store};
-use memconv::{ConversionService, Granularity, HostVm, RamConfig, StoreKind};
+use memconv::{ConversionService, Granularity, HostVm, Platform, RamConfig, StoreKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const RAM: u64 = 64 << 20;
@@ -123,6 +123,8 @@ fn engine(
         shared,
         granularity: Granularity::Page4K,
         cpus: 1,
+        platform: Platform::Tdx,
+        prealloc: true,
     };
     let svc = ConversionService::new(cfg, host).map_err(|e| e.to_string())?;
     let gpa = 8 * HUGE_PAGE_SIZE

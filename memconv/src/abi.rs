@@ -35,9 +35,20 @@
 //!
 //! `OP_CONVERT` entries mirror KVM_HC_MAP_GPA_RANGE: `npages` counts 4 KiB pages, `attrs` bit 4
 //! set = to private ("encrypted"), clear = to shared; bits 0..3 = page size hint (0 4K, 1 2M,
-//! 2 1G). `OP_ACCEPT` entries: `gpa`/`npages` in 4 KiB pages, 2 MiB aligned and sized; `attrs`
-//! must be 0. `OP_EXIT`: `arg` is the exit code. `OP_REPORT`: `arg` is the payload length and
+//! 2 1G). `OP_ACCEPT` entries: `gpa`/`npages` in 4 KiB pages, 4 KiB aligned, private pages
+//! only; `attrs` 0 (accept) or `ACCEPT_FLAG_RESCIND` (rescind). See "Acceptance" below. `OP_EXIT`: `arg` is the exit code. `OP_REPORT`: `arg` is the payload length and
 //! the payload (a [`PoolReport`]) follows the header.
+//!
+//! # Acceptance (`BOOT_FLAG_PLATFORM_SNP` clear: TDX, set: SEV-SNP)
+//!
+//! Private RAM after the image starts unaccepted: it has no host backing and is not in the
+//! guest's memslots, so a touch stops the VM (the host counts an `unaccepted_access`). The
+//! boot area and the image are accepted by the host before the first instruction. An ACCEPT
+//! of private, unaccepted pages makes them usable (the host backs them; they read zero);
+//! accepting an accepted page is `ERR_DOUBLE_ACCEPT`, a shared one `ERR_ACCEPT_SHARED`.
+//! A conversion to shared drops acceptance (TDX) or is refused with `ERR_MUST_RESCIND` while
+//! a page is still validated (SNP: rescind first). A page converted back to private is
+//! unaccepted again on both: the guest accepts it again (not a double accept).
 
 /// Size of a small (base) page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -95,6 +106,9 @@ pub const BOOT_INFO_VERSION: u32 = 1;
 pub const BOOT_FLAG_NATIVE: u32 = 1 << 0;
 /// `BootInfo::flags`: the host only honours 2 MiB aligned and sized conversions.
 pub const BOOT_FLAG_HOST_2M: u32 = 1 << 1;
+/// `BootInfo::flags`: the host models SEV-SNP (rescind validation with
+/// [`ACCEPT_FLAG_RESCIND`] before converting a page to shared); when clear, TDX.
+pub const BOOT_FLAG_PLATFORM_SNP: u32 = 1 << 2;
 
 /// Most devices listed in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 8;
@@ -179,12 +193,17 @@ pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"MBX1");
 
 /// Mailbox operation: convert ranges (KVM_HC_MAP_GPA_RANGE semantics), entries follow.
 pub const OP_CONVERT: u32 = 1;
-/// Mailbox operation: accept private 2 MiB units, entries follow.
+/// Mailbox operation: accept (validate) private pages, or rescind their acceptance
+/// ([`ACCEPT_FLAG_RESCIND`] in an entry's `attrs`), entries follow.
 pub const OP_ACCEPT: u32 = 2;
 /// Mailbox operation: report guest pool statistics, a [`PoolReport`] follows.
 pub const OP_REPORT: u32 = 3;
 /// Mailbox operation: end the VM with exit code `arg`.
 pub const OP_EXIT: u32 = 4;
+
+/// `OP_ACCEPT` entry `attrs`: rescind the acceptance (SNP: PVALIDATE with validate=0) of the
+/// private pages of the range instead of accepting them; shared pages in it are left alone.
+pub const ACCEPT_FLAG_RESCIND: u32 = 1 << 0;
 
 /// KVM_HC_MAP_GPA_RANGE attribute: bit 4 set = to private (encrypted), clear = to shared.
 pub const ATTR_ENCRYPTED: u32 = 1 << 4;
@@ -204,7 +223,7 @@ pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
 
 /// Status: done.
 pub const STATUS_OK: u32 = 0;
-/// Error: `gpa` not 4 KiB aligned (or an ACCEPT not 2 MiB aligned and sized).
+/// Error: `gpa` not 4 KiB aligned.
 pub const ERR_UNALIGNED: u32 = 1;
 /// Error: the range does not lie inside guest RAM (or overflows).
 pub const ERR_OUT_OF_RAM: u32 = 2;
@@ -214,7 +233,8 @@ pub const ERR_RESERVED: u32 = 3;
 pub const ERR_REQUIRES_2M: u32 = 4;
 /// Error: the target store could not allocate (e.g. the huge-page pool is exhausted).
 pub const ERR_NO_MEMORY: u32 = 5;
-/// Error: a 2 MiB unit in an ACCEPT was already accepted (a security violation).
+/// Error: a page in an ACCEPT was already accepted (TDX double accept, SNP double
+/// validation: a security violation).
 pub const ERR_DOUBLE_ACCEPT: u32 = 6;
 /// Error: unknown attribute bits or page-size hint.
 pub const ERR_INVALID_ATTRS: u32 = 7;
@@ -225,8 +245,14 @@ pub const ERR_INTERNAL: u32 = 9;
 /// Error: a device access to the range was still in flight after the host's bounded wait
 /// (the DMA fence); nothing changed, retry.
 pub const ERR_BUSY: u32 = 10;
+/// Error: an ACCEPT covers a shared page (a shared chunk, or a mixed one): only private
+/// memory can be accepted.
+pub const ERR_ACCEPT_SHARED: u32 = 11;
+/// Error (SNP): a conversion to shared covers a page that is still validated; rescind it
+/// first ([`ACCEPT_FLAG_RESCIND`]).
+pub const ERR_MUST_RESCIND: u32 = 12;
 /// Number of distinct status codes (for per-code counters).
-pub const STATUS_COUNT: usize = 11;
+pub const STATUS_COUNT: usize = 13;
 
 /// Human-readable name of a status code.
 pub const fn status_name(status: u32) -> &'static str {
@@ -242,6 +268,8 @@ pub const fn status_name(status: u32) -> &'static str {
         ERR_BAD_REQUEST => "bad_request",
         ERR_INTERNAL => "internal",
         ERR_BUSY => "busy",
+        ERR_ACCEPT_SHARED => "accept_shared",
+        ERR_MUST_RESCIND => "must_rescind",
         _ => "unknown",
     }
 }

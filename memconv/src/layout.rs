@@ -11,7 +11,12 @@
 //! # Memslots
 //!
 //! When both stores can be mapped 4 KiB at a time (memfd, gmem), even a mixed chunk is mapped
-//! 4K-by-4K into the view and one memslot covering all of RAM never changes.
+//! 4K-by-4K into the view and each run of mapped chunks is one memslot into the view.
+//!
+//! Chunks that are private with nothing accepted ("holes", see `acceptance`) get no memslot
+//! on any host: a guest access there is an MMIO exit carrying its GPA, which the VMM reports
+//! as an access to unaccepted memory. They change when the guest accepts or rescinds, and
+//! when a chunk goes wholly shared or comes back wholly private.
 //!
 //! When either store is hugetlb, a mixed 2 MiB chunk cannot be built inside the view
 //! (`MAP_FIXED` of 4 KiB inside a hugetlb mapping fails with EINVAL). Such a chunk is served by
@@ -36,7 +41,7 @@ use std::io;
 use serde::Serialize;
 
 use crate::abi::{HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE};
-use crate::bitmap::{Attributes, Side};
+use crate::bitmap::{Attributes, PageBits, Side};
 use crate::host_vm::HostVm;
 use crate::store::Store;
 
@@ -187,22 +192,23 @@ pub struct Bases {
 }
 
 /// Compute the memslot layout for `attrs` into `out` (sorted by GPA). `split` is true when a
-/// mixed chunk must be served by per-run slots (either store is hugetlb); otherwise the whole
-/// RAM is one slot into the view.
-pub fn compute_layout(attrs: &Attributes, bases: Bases, split: bool, out: &mut Vec<SlotDesc>) {
+/// mixed chunk must be served by per-run slots (either store is hugetlb); otherwise each run
+/// of mapped chunks is one slot into the view. Chunks set in `holes` (private, nothing
+/// accepted) get no slot: a guest access there exits to the VMM with its GPA.
+pub fn compute_layout(
+    attrs: &Attributes,
+    holes: &PageBits,
+    bases: Bases,
+    split: bool,
+    out: &mut Vec<SlotDesc>,
+) {
     out.clear();
     let nchunks = attrs.nchunks();
-    if !split {
-        out.push(SlotDesc {
-            gpa: 0,
-            size: nchunks * HUGE_PAGE_SIZE,
-            host_addr: bases.view,
-        });
-        return;
-    }
     let mut c = 0;
     while c < nchunks {
-        if attrs.is_mixed(c) {
+        if holes.get(c) {
+            c += 1;
+        } else if split && attrs.is_mixed(c) {
             let p0 = c * PAGES_PER_CHUNK;
             let p1 = p0 + PAGES_PER_CHUNK;
             let mut p = p0;
@@ -224,7 +230,7 @@ pub fn compute_layout(attrs: &Attributes, bases: Bases, split: bool, out: &mut V
             c += 1;
         } else {
             let start = c;
-            while c < nchunks && !attrs.is_mixed(c) {
+            while c < nchunks && !holes.get(c) && !(split && attrs.is_mixed(c)) {
                 c += 1;
             }
             let gpa = start * HUGE_PAGE_SIZE;

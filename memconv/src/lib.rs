@@ -6,7 +6,8 @@
 //! [`replay_ops`] (no_std too) is the binary op stream of a replayed Linux DMA trace.
 //!
 //! Modules: [`store`] (the three backing stores and kernel allocation queries), [`bitmap`]
-//! (per-4K attributes, accepted units), [`layout`] (guest view and memslot layout), [`engine`]
+//! (per-4K attributes), [`acceptance`] (per-4K acceptance, the platform's rules, unaccepted
+//! chunks cut out of the view), [`layout`] (guest view and memslot layout), [`engine`]
 //! (validate, convert, accept; owns the counters), [`fence`] (device accesses and conversions
 //! exclude each other: pins and the lock-free shared bitmap), [`status`] ([`ConversionError`], the typed
 //! result), [`mailbox`] (the untrusted mailbox page), [`stats`] (counters, histogram, pool
@@ -20,6 +21,8 @@
 pub mod abi;
 pub mod replay_ops;
 
+#[cfg(feature = "host")]
+pub mod acceptance;
 #[cfg(feature = "host")]
 pub mod bitmap;
 #[cfg(feature = "host")]
@@ -55,7 +58,7 @@ pub use fence::{DmaPin, FenceError};
 #[cfg(feature = "host")]
 pub use host_vm::HostVm;
 #[cfg(feature = "host")]
-pub use ram::{Granularity, RamConfig};
+pub use ram::{Granularity, Platform, RamConfig};
 #[cfg(feature = "host")]
 pub use service::{ConversionService, Error, MailboxOutcome};
 #[cfg(feature = "host")]

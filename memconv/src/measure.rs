@@ -27,6 +27,7 @@ pub fn snapshot_inputs(e: &Engine) -> SnapshotInputs {
         memslots: e.slots().slots().len() as u64,
         memslot_edits: e.slots().edits(),
         kernel_query_errors: errors,
+        lifecycle: e.lifecycle_inputs(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! RAM configuration: size, the two stores, the host granularity policy and the vCPU count.
+//! RAM configuration: size, the two stores, the host granularity policy, the vCPU count, the
+//! modelled confidential platform and whether RAM is backed eagerly.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,6 +51,50 @@ impl FromStr for Granularity {
     }
 }
 
+/// The confidential platform whose acceptance lifecycle the host enforces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Platform {
+    /// Intel TDX: conversion to shared drops acceptance; back to private it is pending again.
+    #[default]
+    #[serde(rename = "tdx")]
+    Tdx,
+    /// AMD SEV-SNP: validation must be rescinded before a page is converted to shared.
+    #[serde(rename = "snp")]
+    Snp,
+}
+
+impl Platform {
+    /// "tdx" or "snp".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Tdx => "tdx",
+            Platform::Snp => "snp",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a platform.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown platform {0:?} (expected tdx or snp)")]
+pub struct ParsePlatformError(pub String);
+
+impl FromStr for Platform {
+    type Err = ParsePlatformError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tdx" => Ok(Platform::Tdx),
+            "snp" => Ok(Platform::Snp),
+            _ => Err(ParsePlatformError(s.to_string())),
+        }
+    }
+}
+
 /// Guest RAM configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RamConfig {
@@ -63,4 +108,10 @@ pub struct RamConfig {
     pub granularity: Granularity,
     /// Number of vCPUs (mailboxes), 1..=abi::MAX_CPUS.
     pub cpus: u32,
+    /// The platform whose acceptance rules apply.
+    #[serde(default)]
+    pub platform: Platform,
+    /// Back all private RAM at creation (the eager path) instead of at ACCEPT.
+    #[serde(default)]
+    pub prealloc: bool,
 }

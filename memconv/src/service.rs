@@ -124,16 +124,19 @@ fn create_store(
     Store::create(kind, what, size, gmem)
 }
 
-/// Allocate the hugetlb chunks `side` owns at start (private: all but the mailbox chunk;
-/// shared: the mailbox chunk) so no guest or VMM access can SIGBUS later.
+/// Allocate the hugetlb chunks `side` owns at start so no guest or VMM access can SIGBUS
+/// later: shared, the mailbox chunk; private, the boot area, and with `prealloc` all the rest
+/// (otherwise each chunk is backed when the guest accepts it).
 fn prealloc_huge(
     store: &Store,
     side: Side,
-    size: u64,
+    cfg: &RamConfig,
     needed_total: u64,
 ) -> Result<(), StoreError> {
+    let size = cfg.size;
     let ranges: &[(u64, u64)] = match side {
-        Side::Private => &[(0, MAILBOX_BASE_GPA), (MAILBOX_AREA_END, size)],
+        Side::Private if cfg.prealloc => &[(0, MAILBOX_BASE_GPA), (MAILBOX_AREA_END, size)],
+        Side::Private => &[(0, MAILBOX_BASE_GPA)],
         Side::Shared => &[(MAILBOX_BASE_GPA, MAILBOX_AREA_END)],
     };
     for &(a, b) in ranges {
@@ -154,12 +157,14 @@ fn prealloc_huge(
     Ok(())
 }
 
-/// 2 MiB pages the hugetlb stores need at start.
+/// 2 MiB pages the hugetlb stores need at start: the boot area and the mailbox chunk (the
+/// image is backed when the VMM accepts it for the guest, the rest at the guest's ACCEPT),
+/// or with `prealloc` all of RAM.
 fn huge_pages_needed(cfg: &RamConfig) -> u64 {
     let nchunks = cfg.size / HUGE_PAGE_SIZE;
     let mut needed = 0;
     if cfg.private.is_huge() {
-        needed += nchunks - 1;
+        needed += if cfg.prealloc { nchunks - 1 } else { 1 };
     }
     if cfg.shared.is_huge() {
         needed += 1;
@@ -208,25 +213,17 @@ impl ConversionService {
         }
         let needed = huge_pages_needed(&cfg);
         if private.kind().is_huge() {
-            prealloc_huge(&private, Side::Private, size, needed)?;
+            prealloc_huge(&private, Side::Private, &cfg, needed)?;
         }
         if shared.kind().is_huge() {
-            prealloc_huge(&shared, Side::Shared, size, needed)?;
+            prealloc_huge(&shared, Side::Shared, &cfg, needed)?;
         }
         let view = View::reserve(size).map_err(LayoutError::Map)?;
         let private_mem = guest_memory(&private)?;
         let shared_mem = guest_memory(&shared)?;
         let shared_base = shared.base() as usize;
         let fence = Arc::new(Fence::new(size, DEFAULT_WAIT_BOUND));
-        let engine = Engine::new(
-            size,
-            cfg.granularity,
-            private,
-            shared,
-            view,
-            host,
-            fence.clone(),
-        )?;
+        let engine = Engine::new(&cfg, private, shared, view, host, fence.clone())?;
         Ok(ConversionService {
             private_mem,
             shared_mem,
@@ -348,7 +345,27 @@ impl ConversionService {
     /// ACCEPT one entry outside the mailbox path (same rules); returns an abi status code.
     #[cfg(test)]
     pub(crate) fn accept(&self, gpa: u64, npages: u64) -> u32 {
-        status::to_abi(self.lock().accept(gpa, npages, 0))
+        self.accept_with(gpa, npages, 0)
+    }
+
+    /// ACCEPT one entry with `attrs` (e.g. `ACCEPT_FLAG_RESCIND`) outside the mailbox path.
+    #[cfg(test)]
+    pub(crate) fn accept_with(&self, gpa: u64, npages: u64, attrs: u64) -> u32 {
+        status::to_abi(self.lock().accept(gpa, npages, attrs))
+    }
+
+    /// Accept the loaded image, `[IMAGE_BASE_GPA, end)` rounded up to 2 MiB, for the guest
+    /// before its first instruction (the platform's initial memory): backs and maps it. Call
+    /// before writing the image. `NoMemory` when a hugetlb chunk cannot be had.
+    pub fn accept_boot(&self, end: u64) -> Result<(), ConversionError> {
+        self.lock().accept_boot(end)
+    }
+
+    /// A guest access at `gpa` came back from KVM_RUN as MMIO: true (and counted as an
+    /// `unaccepted_access` violation) if `gpa` is RAM cut out as unaccepted, so the VMM must
+    /// stop the VM; false for a real MMIO access.
+    pub fn unaccepted_access(&self, gpa: u64) -> bool {
+        self.lock().unaccepted_access(gpa)
     }
 
     /// The device-side fence (see [`crate::fence`]): pin the chunks of every range `(gpa,

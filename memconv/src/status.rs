@@ -8,7 +8,7 @@ use crate::abi;
 /// A conversion or accept that did not happen (`Ok(())` is `abi::STATUS_OK`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum ConversionError {
-    /// `gpa` not 4 KiB aligned (or an ACCEPT not 2 MiB aligned and sized).
+    /// `gpa` not 4 KiB aligned.
     #[error("unaligned range")]
     Unaligned,
     /// The range is not inside guest RAM (or overflows).
@@ -23,7 +23,8 @@ pub enum ConversionError {
     /// The target store could not allocate, or the memslot limit was reached.
     #[error("out of memory")]
     NoMemory,
-    /// A 2 MiB unit was already accepted (a security violation).
+    /// A page was already accepted (TDX double accept, SNP double validation: a security
+    /// violation).
     #[error("double accept")]
     DoubleAccept,
     /// Unknown attribute bits or page-size hint.
@@ -38,6 +39,12 @@ pub enum ConversionError {
     /// A device access to the range did not finish within the fence's bound; retry.
     #[error("busy: a device access is in flight; retry")]
     Busy,
+    /// An ACCEPT covered a shared page (of a shared or a mixed chunk).
+    #[error("accept of shared memory")]
+    AcceptShared,
+    /// SNP: a conversion to shared covered a page still validated (not rescinded).
+    #[error("conversion to shared of a validated page (rescind it first)")]
+    MustRescind,
 }
 
 /// The result of one conversion or accept.
@@ -56,6 +63,8 @@ impl ConversionError {
         ConversionError::BadRequest,
         ConversionError::Internal,
         ConversionError::Busy,
+        ConversionError::AcceptShared,
+        ConversionError::MustRescind,
     ];
 
     /// The abi error code.
@@ -71,6 +80,8 @@ impl ConversionError {
             ConversionError::BadRequest => abi::ERR_BAD_REQUEST,
             ConversionError::Internal => abi::ERR_INTERNAL,
             ConversionError::Busy => abi::ERR_BUSY,
+            ConversionError::AcceptShared => abi::ERR_ACCEPT_SHARED,
+            ConversionError::MustRescind => abi::ERR_MUST_RESCIND,
         }
     }
 

@@ -226,11 +226,9 @@ impl Store {
                 if kind.is_huge() {
                     flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
                 }
-                let name: &[u8] = if kind.is_huge() {
-                    b"memconv-hugetlb\0"
-                } else {
-                    b"memconv-memfd\0"
-                };
+                // "memconv-private-hugetlb" etc.: /proc/PID/fd tells the stores apart.
+                let name = std::ffi::CString::new(format!("memconv-{what}-{}", kind.as_str()))
+                    .unwrap_or_else(|_| c"memconv".to_owned());
                 // SAFETY: `name` is NUL-terminated; memfd_create has no memory side effects.
                 let raw = unsafe { libc::memfd_create(name.as_ptr().cast(), flags) };
                 if raw < 0 {

@@ -233,12 +233,12 @@ fn two_meg_conversions_never_double_allocate() {
 }
 
 /// Not enough huge pages: a clear error before boot, saying how many are needed and how to
-/// reserve them.
+/// reserve them (the eager path); the lazy default needs only what boot needs.
 #[test]
 fn too_few_huge_pages_is_a_clear_error() {
     require_kvm();
-    // 60 GiB of hugetlb-backed RAM cannot be satisfied here.
-    let o = vmm(&[
+    // 60 GiB of hugetlb-backed RAM backed up front cannot be satisfied here.
+    let args = [
         "run",
         "--guest",
         "hello",
@@ -248,10 +248,16 @@ fn too_few_huge_pages_is_a_clear_error() {
         "hugetlb",
         "--shared",
         "hugetlb",
-    ]);
+    ];
+    let o = vmm(&[&args[..], &["--prealloc"]].concat());
     let err = stderr(&o);
     assert_eq!(code(&o), 2, "{err}");
     assert!(err.contains("nr_hugepages"), "{err}");
+    // Backed at ACCEPT: the same guest boots holding a few huge pages.
+    ensure_free_hugepages(16);
+    let o = vmm(&args);
+    assert_eq!(code(&o), 0, "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("hello from guest"), "{}", stdout(&o));
 }
 
 /// gmem cannot back the shared side.

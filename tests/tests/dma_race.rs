@@ -159,6 +159,8 @@ fn race(name: &str, store: &str) {
         .args(["--private", store, "--shared", store, "--disk"])
         .arg(&disk)
         .args(["--disk-size", "8M", "--cmdline", "rounds=200"])
+        // The huge-page budget counts all RAM backed at boot (the eager path).
+        .args(huge.then_some("--prealloc"))
         .arg("--stats-json")
         .arg(&json)
         .arg("--api-socket")

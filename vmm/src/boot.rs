@@ -165,6 +165,16 @@ fn validate_elf(image: &[u8], ram_size: u64) -> Result<Vec<Elf64_Phdr>, BootErro
     Ok(phdrs)
 }
 
+/// One past the last byte the image occupies once loaded (validated as for loading).
+pub fn image_end(image: &[u8], ram_size: u64) -> Result<u64, BootError> {
+    let phdrs = validate_elf(image, ram_size)?;
+    Ok(phdrs
+        .iter()
+        .map(|p| p.p_paddr + p.p_memsz)
+        .max()
+        .unwrap_or(abi::IMAGE_BASE_GPA))
+}
+
 /// Validates, loads (linux-loader) and zeroes the .bss of the guest image.
 pub fn load_image(
     mem: &GuestMemoryMmap,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use memconv::{Granularity, StoreKind};
+use memconv::{Granularity, Platform, StoreKind};
 
 use crate::config::{parse_size, ConfigError, DiskConfig, ExecMode, VmConfig};
 use crate::exit_codes::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
@@ -186,8 +186,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4096)]
         size: u64,
     },
-    /// Boot time to first serial byte and to exit, exits per boot, and a guest compute loop
-    /// natively vs in the instruction emulator.
+    /// Boot time to first serial byte and to exit, exits per boot, a guest compute loop
+    /// natively vs in the instruction emulator, and boot time vs RAM on hugetlb (lazy vs
+    /// --prealloc).
     Boot {
         /// Boots to time.
         #[arg(long, default_value_t = 20)]
@@ -195,6 +196,10 @@ enum BenchCommand {
         /// Iterations of the native compute loop (the emulated one runs 1/10000 of these).
         #[arg(long, default_value_t = 1_000_000_000)]
         iters: u64,
+        /// Lazy boots per RAM size (512M, 2G, 4G on hugetlb/hugetlb; one --prealloc boot
+        /// each) in the boot-scaling table; 0 skips it.
+        #[arg(long, default_value_t = 3)]
+        scaling_runs: u32,
     },
     /// Control socket: `stats` round trip while the guest converts at full rate, and the
     /// conversion rate with and without a client polling `stats` (and, as the noise floor,
@@ -240,7 +245,12 @@ impl BenchCommand {
                 ms: *ms,
                 size: *size,
             },
-            BenchCommand::Boot { runs, iters } => bench::Bench::Boot {
+            BenchCommand::Boot {
+                runs,
+                iters,
+                scaling_runs,
+            } => bench::Bench::Boot {
+                scaling_runs: *scaling_runs,
                 runs: *runs,
                 iters: *iters,
             },
@@ -314,6 +324,9 @@ pub struct ConformArgs {
     /// default).
     #[arg(long)]
     keep: bool,
+    /// Confidential platform every cell runs on (its acceptance lifecycle): tdx or snp.
+    #[arg(long, value_name = "tdx|snp", default_value = "tdx")]
+    platform: Platform,
 }
 
 /// `vmm conform merge` / `vmm conform size`.
@@ -416,6 +429,12 @@ pub struct RunArgs {
     /// Host conversion granularity: 4k or 2m.
     #[arg(long, value_name = "4k|2m", default_value = "4k")]
     granularity: Granularity,
+    /// Confidential platform whose acceptance lifecycle the host enforces: tdx or snp.
+    #[arg(long, value_name = "tdx|snp", default_value = "tdx")]
+    platform: Platform,
+    /// Back all private RAM before boot instead of each 2 MiB chunk at the guest's ACCEPT.
+    #[arg(long)]
+    prealloc: bool,
     /// Write the end-of-run statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -513,6 +532,8 @@ impl RunArgs {
             private: self.private,
             shared: self.shared,
             granularity: self.granularity,
+            platform: self.platform,
+            prealloc: self.prealloc,
             stats_json: self.stats_json.clone(),
             disk: self.disk_config(temp),
         })
@@ -710,6 +731,7 @@ fn cmd_conform(args: &ConformArgs) -> ExitCode {
         shard: args.shard.unwrap_or(conform::matrix::Shard::ALL),
         chart_workload: args.chart_workload,
         keep_disks: args.keep,
+        platform: args.platform,
     };
     match conform::run(&opts) {
         Ok(outcome) => {

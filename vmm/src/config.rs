@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use memconv::abi;
-use memconv::{Granularity, StoreKind};
+use memconv::{Granularity, Platform, StoreKind};
 use serde::Serialize;
 
 /// Errors in a VM configuration; each says what to change.
@@ -100,6 +100,10 @@ pub struct VmConfig {
     pub shared: StoreKind,
     /// Host conversion granularity.
     pub granularity: Granularity,
+    /// The confidential platform whose acceptance lifecycle the host enforces.
+    pub platform: Platform,
+    /// Back all private RAM at start (the eager path) instead of at the guest's ACCEPT.
+    pub prealloc: bool,
     /// Where to write the statistics as JSON when the VM ends.
     pub stats_json: Option<PathBuf>,
     /// The virtio block device's disk image, if any.
@@ -125,7 +129,7 @@ pub struct DiskConfig {
 impl VmConfig {
     /// One vCPU booting the embedded fixture `name` with `mem` bytes of RAM, and the defaults
     /// of `vmm run` for the rest: memfd stores, 4 KiB granularity, no command line, the serial
-    /// console on stdout, no statistics file, no disk.
+    /// console on stdout, no statistics file, no disk, tdx, lazy backing.
     pub fn fixture(name: &str, mem: u64) -> Self {
         VmConfig {
             guest: GuestSource::Fixture(name.into()),
@@ -137,6 +141,8 @@ impl VmConfig {
             private: StoreKind::Memfd,
             shared: StoreKind::Memfd,
             granularity: Granularity::Page4K,
+            platform: Platform::Tdx,
+            prealloc: false,
             stats_json: None,
             disk: None,
         }

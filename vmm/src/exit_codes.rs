@@ -16,9 +16,12 @@ pub const EXIT_VM_CRASHED: u8 = 70;
 /// `vmm run`: every vCPU halted for good.
 pub const EXIT_ALL_HALTED: u8 = 71;
 
+/// `vmm run`: the guest touched memory it had not accepted; the VM was stopped.
+pub const EXIT_UNACCEPTED_ACCESS: u8 = 72;
+
 /// The exit status `vmm run` uses for an end reason: the guest's own code (saturated to 255),
-/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], [`EXIT_OK`] when the host stopped it, or 128 + the
-/// signal's number when a stop signal did.
+/// [`EXIT_VM_CRASHED`], [`EXIT_ALL_HALTED`], [`EXIT_UNACCEPTED_ACCESS`], [`EXIT_OK`] when the
+/// host stopped it, or 128 + the signal's number when a stop signal did.
 pub fn exit_status(end: &VmEnd) -> u8 {
     match end {
         VmEnd::GuestExit { code, .. } => u8::try_from(*code).unwrap_or(u8::MAX),
@@ -26,6 +29,7 @@ pub fn exit_status(end: &VmEnd) -> u8 {
             EXIT_VM_CRASHED
         }
         VmEnd::AllHalted => EXIT_ALL_HALTED,
+        VmEnd::UnacceptedAccess { .. } => EXIT_UNACCEPTED_ACCESS,
         VmEnd::Stopped => EXIT_OK,
         VmEnd::Signal { number, .. } => u8::try_from(128 + number).unwrap_or(u8::MAX),
     }

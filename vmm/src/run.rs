@@ -38,6 +38,14 @@ pub enum RunError {
     /// The guest image could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The image's memory could not be accepted (backed) for the guest.
+    #[error("cannot back the guest image (up to {end:#x}) before boot: {source}{hint}", hint = if *source == memconv::ConversionError::NoMemory { " (no huge page left? see /proc/sys/vm/nr_hugepages)" } else { "" })]
+    BootAccept {
+        /// End of the image.
+        end: u64,
+        /// Why.
+        source: memconv::ConversionError,
+    },
     /// Execution mode problems.
     #[error(transparent)]
     Pvm(#[from] PvmError),
@@ -138,6 +146,9 @@ impl RunSummary {
             VmEnd::GuestExit { cpu, code } => format!("guest exit {code} (vCPU {cpu})"),
             VmEnd::Crash { cpu, reason, .. } => format!("CRASH on vCPU {cpu}: {reason}"),
             VmEnd::AllHalted => "all vCPUs halted".into(),
+            VmEnd::UnacceptedAccess { cpu, gpa } => format!(
+                "STOPPED: vCPU {cpu} touched unaccepted private memory at gpa {gpa:#x} (security violation)"
+            ),
             VmEnd::Stopped => "stopped by the host".into(),
             VmEnd::Signal { signal, number } => format!("stopped by signal {signal} ({number})"),
             VmEnd::HostError { cpu, error } => format!("host error on vCPU {cpu}: {error}"),
@@ -325,6 +336,8 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
             shared: cfg.shared,
             granularity: cfg.granularity,
             cpus: cfg.cpus,
+            platform: cfg.platform,
+            prealloc: cfg.prealloc,
         },
         host.clone(),
     )?);
@@ -356,15 +369,30 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     let mut device_infos = devices.infos();
 
     let mem = memconv.private_memory();
-    let loaded = boot::load_image(mem, &image, cfg.mem)?;
-    let mut reserved_end = 0;
-    if let Some(stream) = &replay_stream {
-        let gpa = loaded.end.next_multiple_of(abi::HUGE_PAGE_SIZE);
-        let len = stream.len() as u64;
+    // The image (and a replay stream placed after it) is the platform's initial memory:
+    // accepted (backed, mapped) before it is written; the rest of RAM waits for the guest's
+    // ACCEPT.
+    let image_end = boot::image_end(&image, cfg.mem)?;
+    let stream_at = replay_stream.as_ref().map(|stream| {
+        let gpa = image_end.next_multiple_of(abi::HUGE_PAGE_SIZE);
+        (gpa, stream.len() as u64)
+    });
+    if let Some((gpa, len)) = stream_at {
         // Leave at least half of RAM to the guest.
         if gpa + len > cfg.mem / 2 {
             return Err(RunError::ReplayTooLarge { len, mem: cfg.mem });
         }
+    }
+    let accepted_end = stream_at.map_or(image_end, |(gpa, len)| gpa + len);
+    memconv
+        .accept_boot(accepted_end)
+        .map_err(|source| RunError::BootAccept {
+            end: accepted_end,
+            source,
+        })?;
+    let loaded = boot::load_image(mem, &image, cfg.mem)?;
+    let mut reserved_end = 0;
+    if let (Some(stream), Some((gpa, len))) = (&replay_stream, stream_at) {
         vm_memory::Bytes::write_slice(mem, stream, vm_memory::GuestAddress(gpa))
             .map_err(|source| boot::BootError::Memory { gpa, source })?;
         device_infos.push(abi::DeviceInfo {
@@ -382,6 +410,9 @@ pub fn run_vm_with_options(cfg: &VmConfig, opts: RunOptions) -> Result<RunOutcom
     }
     if cfg.granularity == memconv::Granularity::Huge2M {
         flags |= abi::BOOT_FLAG_HOST_2M;
+    }
+    if cfg.platform == memconv::Platform::Snp {
+        flags |= abi::BOOT_FLAG_PLATFORM_SNP;
     }
     boot::write_boot_info(
         mem,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::HypercallExit;
 use memconv::abi;
-use memconv::{ConversionService, Granularity, RamConfig, StoreKind};
+use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
 use vmm::vcpu::handle_hypercall;
 use vmm::vm::{open_kvm, KvmVm, VmHost};
 
@@ -20,6 +20,8 @@ fn service() -> (KvmVm, Arc<ConversionService>) {
             shared: StoreKind::Memfd,
             granularity: Granularity::Page4K,
             cpus: 1,
+            platform: Platform::Tdx,
+            prealloc: false,
         },
         host,
     )

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use memconv::{ConversionService, Granularity, RamConfig, StoreKind};
+use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::{BusDevice, BusEffect, DeviceKind, Space};
 use vmm::serial::Console;
@@ -107,6 +107,8 @@ fn run_snippet_with(code: &[u8], extra: Option<(u16, Arc<dyn BusDevice>)>) -> Ru
                 shared: StoreKind::Memfd,
                 granularity: Granularity::Page4K,
                 cpus: 1,
+                platform: Platform::Tdx,
+                prealloc: false,
             },
             host.clone(),
         )

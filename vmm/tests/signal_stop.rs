@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use memconv::{ConversionService, Granularity, RamConfig, StoreKind};
+use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
 use vmm::exit_codes::exit_status;
 use vmm::serial::Console;
 use vmm::signals::SignalStop;
@@ -24,6 +24,8 @@ fn shared() -> (KvmVm, Arc<VmShared>) {
                 shared: StoreKind::Memfd,
                 granularity: Granularity::Page4K,
                 cpus: 1,
+                platform: Platform::Tdx,
+                prealloc: false,
             },
             host.clone(),
         )

@@ -59,7 +59,7 @@ pub fn validate(b: &BootInfo, boot_gpa: u64, image_end: u64) -> Result<(), &'sta
 mod access {
     use super::*;
     use crate::cmdline::Cmdline;
-    use memconv::abi::{BOOT_FLAG_HOST_2M, BOOT_FLAG_NATIVE};
+    use memconv::abi::{BOOT_FLAG_HOST_2M, BOOT_FLAG_NATIVE, BOOT_FLAG_PLATFORM_SNP};
 
     /// The boot info (validated by the runtime before `main` runs).
     pub fn boot() -> &'static BootInfo {
@@ -86,6 +86,12 @@ mod access {
     /// Whether the host only honours 2 MiB aligned and sized conversions (boot flag).
     pub fn host_2m_flag() -> bool {
         boot().flags & BOOT_FLAG_HOST_2M != 0
+    }
+
+    /// Whether the host models SEV-SNP (rescind validation before sharing a page); TDX if
+    /// not (boot flag).
+    pub fn platform_snp() -> bool {
+        boot().flags & BOOT_FLAG_PLATFORM_SNP != 0
     }
 
     /// The raw command-line bytes.

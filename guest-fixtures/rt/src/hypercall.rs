@@ -283,7 +283,8 @@ mod bare {
         batch(OP_CONVERT, entries)
     }
 
-    /// Accept 2 MiB units (`OP_ACCEPT`; `attrs` must be 0). Each entry's `status` is written.
+    /// Accept private pages (`OP_ACCEPT`; `attrs` 0), or rescind their acceptance (`attrs`
+    /// `ACCEPT_FLAG_RESCIND`). Each entry's `status` is written.
     pub fn accept(entries: &mut [MailboxEntry]) -> Batch {
         batch(OP_ACCEPT, entries)
     }
@@ -298,6 +299,14 @@ mod bare {
     /// Accept one range; returns its status.
     pub fn accept_one(gpa: u64, npages: u64) -> u32 {
         let mut e = [entry(gpa, npages, 0)];
+        accept(&mut e);
+        e[0].status
+    }
+
+    /// Rescind the acceptance of one range (SNP, before converting it to shared); returns
+    /// its status.
+    pub fn rescind_one(gpa: u64, npages: u64) -> u32 {
+        let mut e = [entry(gpa, npages, memconv::abi::ACCEPT_FLAG_RESCIND)];
         accept(&mut e);
         e[0].status
     }

@@ -66,8 +66,12 @@ pub use bare::*;
 #[cfg(all(feature = "bare-metal", not(test)))]
 mod bare {
     pub use crate::arch::{halt_forever, spin_iters, triple_fault};
-    pub use crate::bootinfo::{boot, cmdline, cpu_count, host_2m_flag, native, ram_size};
-    pub use crate::hypercall::{accept, accept_one, convert, convert_one, exit, report};
+    pub use crate::bootinfo::{
+        boot, cmdline, cpu_count, host_2m_flag, native, platform_snp, ram_size,
+    };
+    pub use crate::hypercall::{
+        accept, accept_one, convert, convert_one, exit, report, rescind_one,
+    };
     pub use crate::idt::EXIT_EXCEPTION_BASE;
     pub use crate::palloc::global as alloc;
     pub use crate::panic::EXIT_PANIC;

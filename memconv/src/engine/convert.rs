@@ -82,8 +82,15 @@ impl Engine {
             d.after = self.attrs.private_in_chunk(d.chunk);
             layout_change |= self.split && (is_mixed(d.before) || is_mixed(d.after));
         }
+        layout_change |= self.update_holes(sc);
         if layout_change {
-            compute_layout(&self.attrs, self.bases(), true, &mut sc.layout);
+            compute_layout(
+                &self.attrs,
+                self.acc.holes(),
+                self.bases(),
+                self.split,
+                &mut sc.layout,
+            );
             if sc.layout.len() > self.slot_limit {
                 self.revert_bits(sc, source);
                 return Err(ConversionError::NoMemory);
@@ -129,11 +136,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Flip the runs back to `source`.
+    /// Flip the runs back to `source` (and the holes they changed).
     fn revert_bits(&mut self, sc: &Scratch, source: Side) {
         for &(a, b) in &sc.runs {
             self.attrs.flip_run(a, b, source);
         }
+        self.acc.flip_holes(&sc.holes_changed);
     }
 
     /// Punch the chunks this conversion allocated whole on `target`.
@@ -209,6 +217,13 @@ impl Engine {
             let c = d.chunk;
             let off = c * HUGE_PAGE_SIZE;
             let had = count_of(d.before, target) > 0;
+            if !had && self.stays_unbacked(d.after, target) {
+                // Wholly private and unaccepted: backed at ACCEPT, not now.
+                if store.punch(off, HUGE_PAGE_SIZE).is_ok() {
+                    self.ensured[t].set(c, false);
+                }
+                continue;
+            }
             if !had {
                 // Entirely new on this side: clear anything stale, then allocate whole.
                 if store.punch(off, HUGE_PAGE_SIZE).is_ok() {

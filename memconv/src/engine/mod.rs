@@ -32,7 +32,9 @@
 //! what is mapped and the failure is counted as unrecovered.
 //!
 //! Submodules: `convert` (steps 2-5 and their rollback, over one explicit per-call
-//! `Scratch`) and `validate` (step 1 and the accept checks). The engine
+//! `Scratch`), `validate` (step 1 and the device-access check) and `accept` (ACCEPT and
+//! rescind under the platform's rules from `crate::acceptance`, backing at ACCEPT, the
+//! memslot holes of unaccepted chunks). The engine
 //! owns its [`Counters`]: the service reports doorbells, exits and guest reports through
 //! methods here and never changes a counter itself.
 
@@ -41,15 +43,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abi::{self, HUGE_PAGE_SIZE, MAILBOX_AREA_END, PAGES_PER_CHUNK, PAGE_SIZE};
+use crate::acceptance::Acceptance;
 use crate::bitmap::{Attributes, PageBits, Side};
 use crate::fence::Fence;
 use crate::host_vm::HostVm;
 use crate::layout::{compute_layout, Bases, LayoutError, SlotDesc, SlotTable, View, MAX_MEMSLOTS};
-use crate::ram::Granularity;
+use crate::ram::{Granularity, RamConfig};
 use crate::stats::{Counters, PoolReportSnapshot, SizeClass, SnapshotInputs, StatsSnapshot};
 use crate::status::{ConversionError, Status};
 use crate::store::Store;
 
+mod accept;
 mod convert;
 mod validate;
 
@@ -90,6 +94,8 @@ struct Scratch {
     remapped: Vec<(u64, u64, Side)>,
     /// Private runs of the converted range, to copy into the fence's shared bits.
     fence_runs: Vec<(u64, u64)>,
+    /// Chunks whose hole bit (see `crate::acceptance`) this conversion flipped.
+    holes_changed: Vec<u64>,
 }
 
 impl Scratch {
@@ -100,6 +106,7 @@ impl Scratch {
         self.fresh.clear();
         self.remapped.clear();
         self.fence_runs.clear();
+        self.holes_changed.clear();
     }
 
     /// Pages the runs cover.
@@ -121,7 +128,11 @@ pub struct Engine {
     /// Per side, per chunk of a hugetlb store: the engine allocated its 2 MiB page (cleared on
     /// punch).
     ensured: [PageBits; 2],
-    accepted: PageBits,
+    /// Acceptance under the platform's rules, and the chunks cut out of the view.
+    acc: Acceptance,
+    /// Private hugetlb chunks are backed at ACCEPT and released when unaccepted (not
+    /// `--prealloc`).
+    lazy: bool,
     slots: SlotTable,
     /// Mixed chunks are served by per-run memslots (a hugetlb store is in use).
     split: bool,
@@ -135,18 +146,19 @@ pub struct Engine {
 
 impl Engine {
     /// Build the engine over created stores and a reserved view: sets the initial attributes
-    /// (all private but the mailbox chunk), maps the view and installs the initial memslots.
-    /// Hugetlb stores must already be allocated for the chunks their side owns. `fence` (over
+    /// (all private but the mailbox chunk), maps the view and installs the initial memslots
+    /// (none over unaccepted chunks). Hugetlb stores must already be allocated for the chunks
+    /// their side owns (private: only the boot area unless `cfg.prealloc`). `fence` (over
     /// `size` bytes, no device running yet) gets the initial shared bits.
     pub fn new(
-        size: u64,
-        granularity: Granularity,
+        cfg: &RamConfig,
         private: Store,
         shared: Store,
         view: View,
         host: Arc<dyn HostVm>,
         fence: Arc<Fence>,
     ) -> Result<Engine, EngineError> {
+        let (size, granularity) = (cfg.size, cfg.granularity);
         let npages = size / PAGE_SIZE;
         let nchunks = size / HUGE_PAGE_SIZE;
         let mut attrs = Attributes::new_private(npages);
@@ -176,8 +188,12 @@ impl Engine {
             .map_err(EngineError::View)?;
         let mut ensured = [PageBits::new(nchunks, false), PageBits::new(nchunks, false)];
         if private.kind().is_huge() {
-            ensured[Side::Private.index()] = PageBits::new(nchunks, true);
-            ensured[Side::Private.index()].set(1, false);
+            if cfg.prealloc {
+                ensured[Side::Private.index()] = PageBits::new(nchunks, true);
+                ensured[Side::Private.index()].set(1, false);
+            } else {
+                ensured[Side::Private.index()].set(0, true);
+            }
         }
         if shared.kind().is_huge() {
             ensured[Side::Shared.index()].set(1, true);
@@ -190,7 +206,8 @@ impl Engine {
             attrs,
             view_private,
             ensured,
-            accepted: PageBits::new(nchunks, false),
+            acc: Acceptance::new(cfg.platform, npages),
+            lazy: !cfg.prealloc,
             slots: SlotTable::default(),
             split,
             slot_limit: MAX_MEMSLOTS as usize,
@@ -200,7 +217,7 @@ impl Engine {
             scratch: Scratch::default(),
         };
         let mut layout = Vec::new();
-        compute_layout(&e.attrs, e.bases(), e.split, &mut layout);
+        compute_layout(&e.attrs, e.acc.holes(), e.bases(), e.split, &mut layout);
         e.slots.apply(&layout, e.host.as_ref())?;
         Ok(e)
     }
@@ -265,6 +282,7 @@ impl Engine {
         let t0 = Instant::now();
         let (p0, p1, target) = self
             .validate_convert(gpa, npages, attrs)
+            .and_then(|v| self.check_lifecycle(v))
             .inspect_err(|&e| self.counters.reject(e))?;
         // Only a range with pages that change side waits for the device accesses in it.
         let source_private = target == Side::Shared;
@@ -297,6 +315,9 @@ impl Engine {
             .map_err(|_| ConversionError::Busy)?;
         let mut sc = std::mem::take(&mut self.scratch);
         let status = self.convert_valid(&mut sc, p0, p1, target);
+        if status.is_ok() {
+            self.after_conversion(&sc, p0, p1, target);
+        }
         // Whatever happened, the fence's bits become what the bitmap says, then the pages
         // are released.
         self.attrs.bits().runs(p0, p1, true, &mut sc.fence_runs);
@@ -314,28 +335,6 @@ impl Engine {
         sc.clear();
         self.scratch = sc;
         status
-    }
-
-    /// Accept `[gpa, gpa + npages*4K)`: 2 MiB aligned and sized; refuses (whole entry) if any
-    /// unit is already accepted.
-    pub fn accept(&mut self, gpa: u64, npages: u64, attrs: u64) -> Status {
-        match self.validate_accept(gpa, npages, attrs) {
-            Ok((u0, u1)) => {
-                self.accepted.set_range(u0, u1, true);
-                self.counters.accept_entries += 1;
-                self.counters.accepted_units += u1 - u0;
-                Ok(())
-            }
-            Err(e) => {
-                if e == ConversionError::DoubleAccept {
-                    crate::guest_warn!(
-                        "security violation: double accept of gpa {gpa:#x} npages {npages}"
-                    );
-                }
-                self.counters.reject(e);
-                Err(e)
-            }
-        }
     }
 
     /// A mailbox convert (`convert`) or accept entry carried by a doorbell.

@@ -1,10 +1,10 @@
-//! Step 1 of a conversion (validate everything before changing anything) and the accept
-//! checks: pure reads of the engine's state. (Device accesses are checked by the fence.)
+//! Step 1 of a conversion (validate everything before changing anything): pure reads of the
+//! engine's state. (Device accesses are checked by the fence; ACCEPT in `accept`.)
 
 use super::Engine;
 use crate::abi::{
     ATTR_ENCRYPTED, ATTR_KNOWN_MASK, ATTR_PAGE_SIZE_1G, ATTR_PAGE_SIZE_MASK, HUGE_PAGE_SIZE,
-    MAILBOX_AREA_END, MMIO_BASE_GPA, MMIO_SIZE, PAGES_PER_CHUNK, PAGE_SIZE,
+    MAILBOX_AREA_END, MMIO_BASE_GPA, MMIO_SIZE, PAGE_SIZE,
 };
 use crate::bitmap::Side;
 use crate::ram::Granularity;
@@ -13,7 +13,7 @@ use crate::status::ConversionError;
 impl Engine {
     /// Check `[gpa, gpa+len)` (len > 0) against RAM bounds, the MMIO window and the
     /// non-convertible chunks; returns its end.
-    fn check_range(&self, gpa: u64, len: u64) -> Result<u64, ConversionError> {
+    pub(super) fn check_range(&self, gpa: u64, len: u64) -> Result<u64, ConversionError> {
         let end = gpa.checked_add(len).ok_or(ConversionError::OutOfRam)?;
         if gpa < MMIO_BASE_GPA + MMIO_SIZE && end > MMIO_BASE_GPA {
             return Err(ConversionError::Reserved);
@@ -60,32 +60,5 @@ impl Engine {
             Side::Shared
         };
         Ok((gpa / PAGE_SIZE, end / PAGE_SIZE, target))
-    }
-
-    /// A valid accept request as its 2 MiB units `[u0, u1)`, none accepted yet.
-    pub(super) fn validate_accept(
-        &self,
-        gpa: u64,
-        npages: u64,
-        attrs: u64,
-    ) -> Result<(u64, u64), ConversionError> {
-        if attrs != 0 {
-            return Err(ConversionError::InvalidAttrs);
-        }
-        if npages == 0 {
-            return Err(ConversionError::BadRequest);
-        }
-        if !gpa.is_multiple_of(HUGE_PAGE_SIZE) || !npages.is_multiple_of(PAGES_PER_CHUNK) {
-            return Err(ConversionError::Unaligned);
-        }
-        let len = npages
-            .checked_mul(PAGE_SIZE)
-            .ok_or(ConversionError::OutOfRam)?;
-        let end = self.check_range(gpa, len)?;
-        let (u0, u1) = (gpa / HUGE_PAGE_SIZE, end / HUGE_PAGE_SIZE);
-        if self.accepted.count_range(u0, u1) != 0 {
-            return Err(ConversionError::DoubleAccept);
-        }
-        Ok((u0, u1))
     }
 }

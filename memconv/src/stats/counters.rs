@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use super::histogram::Histogram;
+use super::lifecycle::LifecycleCounters;
 use super::pool_report::PoolReportSnapshot;
 use crate::abi::{HUGE_PAGE_SIZE, PAGES_PER_CHUNK, PAGE_SIZE, STATUS_COUNT};
 use crate::status::ConversionError;
@@ -80,6 +81,8 @@ pub struct Counters {
     dbl_since: Instant,
     /// Latest guest pool report.
     pub pool_report: Option<PoolReportSnapshot>,
+    /// The acceptance lifecycle.
+    pub lifecycle: LifecycleCounters,
     /// Service start.
     pub started: Instant,
 }
@@ -111,6 +114,7 @@ impl Default for Counters {
             dbl_page_ns: 0,
             dbl_since: now,
             pool_report: None,
+            lifecycle: LifecycleCounters::default(),
             started: now,
         }
     }

@@ -1,7 +1,8 @@
 //! Statistics: the engine's counters ([`counters`]), the latency histogram ([`histogram`]),
-//! the guest pool report ([`pool_report`]), the serializable snapshot ([`snapshot`]) and its
-//! human-readable table ([`StatsSnapshot::summary`]), in the one unit convention of every
-//! human-readable view ([`units`]). The kernel figures are measured in `crate::measure`.
+//! the guest pool report ([`pool_report`]), the acceptance lifecycle ([`lifecycle`]), the
+//! serializable snapshot ([`snapshot`]) and its human-readable table
+//! ([`StatsSnapshot::summary`]), in the one unit convention of every human-readable view
+//! ([`units`]). The kernel figures are measured in `crate::measure`.
 //!
 //! The snapshot types are also `Deserialize` so readers of the JSON (`vmm ctl`, the
 //! `--stats-json` consumers) use them directly: every field defaults when absent, so replies
@@ -22,6 +23,7 @@
 
 pub mod counters;
 pub mod histogram;
+pub mod lifecycle;
 pub mod pool_report;
 pub mod snapshot;
 mod summary;
@@ -29,6 +31,7 @@ pub mod units;
 
 pub use counters::{Counters, SizeClass};
 pub use histogram::{Histogram, LatencyBucket, LatencySnapshot};
+pub use lifecycle::{LifecycleCounters, LifecycleInputs, LifecycleSnapshot};
 pub use pool_report::PoolReportSnapshot;
 pub use snapshot::{
     DoubleAlloc, RejectCount, SizeCounts, SnapshotInputs, StatsSnapshot, StoreUsage,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::counters::Counters;
 use super::histogram::LatencySnapshot;
+use super::lifecycle::{LifecycleInputs, LifecycleSnapshot};
 use super::pool_report::PoolReportSnapshot;
 use crate::abi::PAGE_SIZE;
 use crate::fence::FenceStats;
@@ -135,7 +136,7 @@ pub struct StatsSnapshot {
     pub rejects_total: u64,
     /// Successful ACCEPT entries.
     pub accept_entries: u64,
-    /// 2 MiB units accepted.
+    /// 2 MiB units accepted (pages accepted / 512).
     pub accepted_units: u64,
     /// Double-accept attempts (security violations).
     pub double_accept_violations: u64,
@@ -173,6 +174,8 @@ pub struct StatsSnapshot {
     pub latency: LatencySnapshot,
     /// Latest guest pool report.
     pub pool_report: Option<PoolReportSnapshot>,
+    /// The acceptance lifecycle (platform, accepted memory, refusals, unaccepted accesses).
+    pub lifecycle: LifecycleSnapshot,
     /// Kernel query errors, if any (figures may be incomplete).
     pub kernel_query_errors: Vec<String>,
     /// The DMA fence: device pins and conversions that waited for them.
@@ -211,6 +214,7 @@ impl Default for StatsSnapshot {
             unrecovered_failures: 0,
             latency: LatencySnapshot::default(),
             pool_report: None,
+            lifecycle: LifecycleSnapshot::default(),
             kernel_query_errors: Vec::new(),
             fence: FenceStats::default(),
         }
@@ -237,6 +241,8 @@ pub struct SnapshotInputs {
     pub memslot_edits: u64,
     /// Kernel query errors.
     pub kernel_query_errors: Vec<String>,
+    /// Acceptance figures.
+    pub lifecycle: LifecycleInputs,
 }
 
 impl StatsSnapshot {
@@ -307,6 +313,15 @@ impl StatsSnapshot {
             unrecovered_failures: c.unrecovered,
             latency: c.latency.snapshot(),
             pool_report: c.pool_report.clone(),
+            lifecycle: LifecycleSnapshot::build(
+                &c.lifecycle,
+                [
+                    c.rejects[ConversionError::AcceptShared.to_abi() as usize],
+                    c.rejects[ConversionError::MustRescind.to_abi() as usize],
+                    c.rejects[ConversionError::DoubleAccept.to_abi() as usize],
+                ],
+                inp.lifecycle,
+            ),
             kernel_query_errors: inp.kernel_query_errors,
             fence: FenceStats::default(),
         }

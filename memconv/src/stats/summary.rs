@@ -47,6 +47,24 @@ impl StatsSnapshot {
             self.accepted_units,
             self.double_accept_violations
         );
+        let l = &self.lifecycle;
+        let _ = writeln!(
+            s,
+            "  lifecycle platform={}{}: accepted {:.1} MiB now ({} pages in total), {} chunks unaccepted, rescinds {} ({} pages), refused accept_shared={} must_rescind={}, unaccepted accesses {}{}",
+            l.platform,
+            if l.prealloc { " prealloc" } else { "" },
+            mib(l.accepted_bytes),
+            l.accepted_pages,
+            l.unaccepted_chunks,
+            l.rescind_entries,
+            l.rescinded_pages,
+            l.accept_shared_refusals,
+            l.must_rescind_refusals,
+            l.unaccepted_accesses,
+            l.unaccepted_access_gpa
+                .map(|g| format!(" (first at gpa {g:#x})"))
+                .unwrap_or_default()
+        );
         let _ = writeln!(
             s,
             "  doorbells {} carrying {} ranges ({:.2} ranges/exit), hypercalls {}, bad mailboxes {}",

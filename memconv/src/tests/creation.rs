@@ -5,6 +5,11 @@ use super::*;
 
 /// A hugetlb file on a private hugetlbfs mount limited to `pages` 2 MiB pages.
 fn limited_hugetlb_store(size: u64, pages: u64) -> crate::store::Store {
+    limited_hugetlb_store_for("shared", size, pages)
+}
+
+/// [`limited_hugetlb_store`] for the store `what`.
+fn limited_hugetlb_store_for(what: &'static str, size: u64, pages: u64) -> crate::store::Store {
     use std::ffi::CString;
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = format!(
@@ -44,7 +49,46 @@ fn limited_hugetlb_store(size: u64, pages: u64) -> crate::store::Store {
     // SAFETY: lazy unmount of our own mount; the open file keeps the fs alive.
     unsafe { libc::umount2(cdir.as_ptr(), libc::MNT_DETACH) };
     let _ = std::fs::remove_dir(&dir);
-    crate::store::Store::from_fd(StoreKind::Hugetlb, "shared", size, OwnedFd::from(file)).unwrap()
+    crate::store::Store::from_fd(StoreKind::Hugetlb, what, size, OwnedFd::from(file)).unwrap()
+}
+
+/// Lazy hugetlb: a chunk is backed at ACCEPT; when no huge page is left the ACCEPT fails with
+/// `no_memory` (nothing accepted, the chunk stays cut out), never a SIGBUS later.
+#[test]
+fn accept_without_huge_pages_is_no_memory() {
+    ensure_hugepages(8);
+    let size = 32 * MB;
+    let host = FakeHost::new();
+    // The boot area takes one of the 3 pages.
+    let p = limited_hugetlb_store_for("private", size, 3);
+    let s = crate::store::Store::create(StoreKind::Memfd, "shared", size, None).unwrap();
+    let cfg = RamConfig {
+        size,
+        private: StoreKind::Hugetlb,
+        shared: StoreKind::Memfd,
+        granularity: Granularity::Page4K,
+        cpus: 1,
+        platform: Platform::Tdx,
+        prealloc: false,
+    };
+    let svc = ConversionService::with_stores(cfg, p, s, host.clone()).unwrap();
+    host.armed.store(true, Ordering::SeqCst);
+    let c = |i: u64| i * HUGE_PAGE_SIZE;
+    assert_eq!(svc.accept(c(4), PAGES_PER_CHUNK), abi::STATUS_OK);
+    assert_eq!(svc.accept(c(5), 1), abi::STATUS_OK);
+    assert_eq!(svc.accept(c(6), PAGES_PER_CHUNK), abi::ERR_NO_MEMORY);
+    assert_eq!(svc.accept(c(7), 2 * PAGES_PER_CHUNK), abi::ERR_NO_MEMORY);
+    assert!(host.resolve(c(6)).is_none() && host.resolve(c(7)).is_none());
+    host.write(c(4), &[9; 64]);
+    // Giving one back (whole chunk to shared releases its private page) makes room.
+    assert_eq!(
+        svc.map_gpa_range(c(5), PAGES_PER_CHUNK, TO_SHARED),
+        abi::STATUS_OK
+    );
+    assert_eq!(svc.accept(c(6), PAGES_PER_CHUNK), abi::STATUS_OK);
+    let st = svc.stats();
+    assert_eq!(st.rejects[abi::ERR_NO_MEMORY as usize - 1].count, 2, "{st}");
+    assert_eq!(st.private_store.kernel_bytes, 3 * HUGE_PAGE_SIZE, "{st}");
 }
 
 #[test]
@@ -61,8 +105,11 @@ fn hugetlb_exhaustion_is_a_clean_error() {
             shared: StoreKind::Hugetlb,
             granularity: Granularity::Page4K,
             cpus: 1,
+            platform: Platform::Tdx,
+            prealloc: false,
         };
         let svc = ConversionService::with_stores(cfg, p, s, host.clone()).unwrap();
+        svc.accept_boot(size).unwrap();
         host.armed.store(true, Ordering::SeqCst);
         let mut m = Model::new(size);
         for pg in (2 * PAGES_PER_CHUNK)..(size / PAGE_SIZE) {
@@ -118,6 +165,8 @@ fn creation_errors_are_clear() {
         shared,
         granularity: Granularity::Page4K,
         cpus: 1,
+        platform: Platform::Tdx,
+        prealloc: false,
     };
     let e = ConversionService::new(
         cfg(32 * MB + 4096, StoreKind::Memfd, StoreKind::Memfd),
@@ -165,13 +214,24 @@ fn creation_errors_are_clear() {
             && msg.contains("/proc/sys/vm/nr_hugepages"),
         "{msg}"
     );
+    // Eager backing of 64 GiB cannot have its huge pages; lazy backing needs only the boot
+    // area and the mailbox chunk.
     let e = ConversionService::new(
-        cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb),
-        host,
+        RamConfig {
+            prealloc: true,
+            ..cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb)
+        },
+        host.clone(),
     )
     .err()
     .unwrap();
     assert!(e.to_string().contains("huge pages"), "{e}");
+    ensure_hugepages(4);
+    let lazy = ConversionService::new(
+        cfg(abi::MAX_RAM, StoreKind::Hugetlb, StoreKind::Hugetlb),
+        host,
+    );
+    assert!(lazy.is_ok(), "lazy 64 GiB: {:?}", lazy.err());
     assert_eq!("hugetlb".parse::<StoreKind>().unwrap(), StoreKind::Hugetlb);
     assert_eq!("2m".parse::<Granularity>().unwrap().to_string(), "2m");
     assert!("1g".parse::<Granularity>().is_err());

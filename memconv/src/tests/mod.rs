@@ -28,7 +28,7 @@ use crate::abi::{
 use crate::host_vm::HostVm;
 use crate::service::{ConversionService, MailboxOutcome};
 use crate::store::{huge_pages_available, StoreKind};
-use crate::{ConversionError, FenceError, Granularity, RamConfig};
+use crate::{ConversionError, FenceError, Granularity, Platform, RamConfig};
 
 const MB: u64 = 1 << 20;
 const TO_SHARED: u64 = 0;
@@ -231,11 +231,28 @@ pub fn ensure_hugepages(n: u64) {
     );
 }
 
+/// A service whose RAM after the mailbox chunk the guest has accepted whole (TDX), as the
+/// conversion tests assume; [`service_unaccepted`] leaves it unaccepted.
 pub fn service(
     size: u64,
     private: StoreKind,
     shared: StoreKind,
     g: Granularity,
+) -> (Arc<FakeHost>, ConversionService) {
+    let (host, svc) = service_unaccepted(size, private, shared, g, Platform::Tdx);
+    if let Err(e) = svc.accept_boot(size) {
+        panic!("accepting all RAM: {e}");
+    }
+    (host, svc)
+}
+
+/// A fresh service on `platform`: only the boot area accepted, nothing else backed.
+pub fn service_unaccepted(
+    size: u64,
+    private: StoreKind,
+    shared: StoreKind,
+    g: Granularity,
+    platform: Platform,
 ) -> (Arc<FakeHost>, ConversionService) {
     if private.is_huge() || shared.is_huge() {
         ensure_hugepages(256);
@@ -247,6 +264,8 @@ pub fn service(
         shared,
         granularity: g,
         cpus: 2,
+        platform,
+        prealloc: false,
     };
     let svc = match ConversionService::new(cfg, host.clone()) {
         Ok(s) => s,
@@ -386,7 +405,8 @@ fn check_accounting(svc: &ConversionService, touched_all: bool, ctx: &str) {
     }
 }
 
-/// Convert and apply to the model; returns the status.
+/// Convert and apply to the model; returns the status. Pages that came back private are
+/// accepted again, as a TDX guest does.
 fn convert(svc: &ConversionService, m: &mut Model, gpa: u64, npages: u64, attrs: u64) -> u32 {
     let st = svc.map_gpa_range(gpa, npages, attrs);
     if st == abi::STATUS_OK {
@@ -395,6 +415,9 @@ fn convert(svc: &ConversionService, m: &mut Model, gpa: u64, npages: u64, attrs:
             if m.private[p as usize] != to_private {
                 m.private[p as usize] = to_private;
                 m.fill[p as usize] = 0;
+                if to_private {
+                    assert_eq!(svc.accept(p * PAGE_SIZE, 1), abi::STATUS_OK, "re-accept");
+                }
             }
         }
     }

@@ -69,12 +69,17 @@ fn op_strategy(huge: bool) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn apply_model_convert(m: &mut Model, gpa: u64, npages: u64, attrs: u64) {
+/// Apply a conversion done through the mailbox to the model; pages back on private are
+/// pushed to `back` (the guest accepts them again, TDX, after the batch).
+fn apply_model_convert(m: &mut Model, gpa: u64, npages: u64, attrs: u64, back: &mut Vec<u64>) {
     let to_private = attrs & TO_PRIVATE != 0;
     for p in gpa / PAGE_SIZE..gpa / PAGE_SIZE + npages {
         if m.private[p as usize] != to_private {
             m.private[p as usize] = to_private;
             m.fill[p as usize] = 0;
+            if to_private {
+                back.push(p);
+            }
         }
     }
 }
@@ -117,14 +122,48 @@ fn run_ops(private: StoreKind, shared: StoreKind, g: Granularity, ops: &[Op]) {
                 page.resize(PAGE_SIZE as usize, 0);
                 host.write(MAILBOX_BASE_GPA + *cpu as u64 * PAGE_SIZE, &page);
                 let out = svc.service_mailbox(*cpu);
+                if out == MailboxOutcome::Handled && *op == abi::OP_ACCEPT {
+                    // A rescind entry: the guest validates those pages again (else they could
+                    // not be read through the model's view).
+                    for k in *cur..*end {
+                        let (gpa, npages, attrs) =
+                            entries.get(k as usize).copied().unwrap_or((0, 0, 0));
+                        if attrs == abi::ACCEPT_FLAG_RESCIND
+                            && read_entry_status(&host, *cpu, k as usize) == abi::STATUS_OK
+                        {
+                            // A wholly private chunk left with nothing accepted is released.
+                            let (p0, p1) = (gpa / PAGE_SIZE, gpa / PAGE_SIZE + npages);
+                            for c in p0.div_ceil(PAGES_PER_CHUNK)..p1 / PAGES_PER_CHUNK {
+                                let r = (c * PAGES_PER_CHUNK) as usize
+                                    ..((c + 1) * PAGES_PER_CHUNK) as usize;
+                                if m.private[r.clone()].iter().all(|&x| x) {
+                                    m.fill[r].fill(0);
+                                }
+                            }
+                            for p in p0..p1 {
+                                if m.private[p as usize] {
+                                    // A later accept entry of the batch may have done it.
+                                    let st = svc.accept(p * PAGE_SIZE, 1);
+                                    assert!(st == abi::STATUS_OK || st == abi::ERR_DOUBLE_ACCEPT);
+                                }
+                            }
+                        }
+                    }
+                }
                 if out == MailboxOutcome::Handled && *op == abi::OP_CONVERT {
+                    let mut back = Vec::new();
                     for k in *cur..*end {
                         let (gpa, npages, attrs) =
                             entries.get(k as usize).copied().unwrap_or((0, 0, 0));
                         if read_entry_status(&host, *cpu, k as usize) == abi::STATUS_OK {
-                            apply_model_convert(&mut m, gpa, npages, attrs as u64);
+                            apply_model_convert(&mut m, gpa, npages, attrs as u64, &mut back);
                             full.push((gpa / PAGE_SIZE, gpa / PAGE_SIZE + npages));
                         }
+                    }
+                    back.sort_unstable();
+                    back.dedup();
+                    for p in back.into_iter().filter(|&p| m.private[p as usize]) {
+                        assert_eq!(svc.accept(p * PAGE_SIZE, 1), abi::STATUS_OK, "re-accept");
                     }
                 }
                 if *cpu >= 2 {

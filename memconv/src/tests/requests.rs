@@ -72,47 +72,154 @@ fn validation_codes() {
 
 #[test]
 fn accept_and_double_accept() {
-    let (_host, svc) = service(
+    let (host, svc) = service_unaccepted(
         32 * MB,
         StoreKind::Memfd,
         StoreKind::Memfd,
         Granularity::Page4K,
+        Platform::Tdx,
     );
     let c = |i: u64| i * HUGE_PAGE_SIZE;
+    assert!(
+        host.resolve(c(2)).is_none(),
+        "unaccepted RAM has no memslot"
+    );
     assert_eq!(svc.accept(c(2), PAGES_PER_CHUNK * 2), abi::STATUS_OK);
+    assert!(host.resolve(c(2)).is_some() && host.resolve(c(3)).is_some());
+    assert!(host.resolve(c(4)).is_none());
+    // Overlaps an accepted page: nothing of the entry is accepted.
     assert_eq!(
         svc.accept(c(2) + PAGE_SIZE, PAGES_PER_CHUNK),
-        abi::ERR_UNALIGNED
+        abi::ERR_DOUBLE_ACCEPT
     );
-    assert_eq!(svc.accept(c(5), 3), abi::ERR_UNALIGNED);
+    assert_eq!(svc.accept(c(5) + 1, 3), abi::ERR_UNALIGNED);
+    assert_eq!(
+        svc.accept(c(5), 3),
+        abi::STATUS_OK,
+        "4 KiB accepts are fine"
+    );
     assert_eq!(svc.accept(c(0), PAGES_PER_CHUNK), abi::ERR_RESERVED);
     assert_eq!(svc.accept(c(1), PAGES_PER_CHUNK), abi::ERR_RESERVED);
     assert_eq!(svc.accept(c(16), PAGES_PER_CHUNK), abi::ERR_OUT_OF_RAM);
     assert_eq!(svc.accept(c(4), 0), abi::ERR_BAD_REQUEST);
-    // Overlaps an accepted unit: nothing of the entry is accepted.
     assert_eq!(
         svc.accept(c(3), PAGES_PER_CHUNK * 3),
         abi::ERR_DOUBLE_ACCEPT
     );
     assert_eq!(
-        svc.accept(c(4), PAGES_PER_CHUNK * 2),
+        svc.accept(c(4), PAGES_PER_CHUNK),
         abi::STATUS_OK,
-        "c4..c6 must still be unaccepted"
+        "c4 must still be unaccepted"
     );
     assert_eq!(svc.accept(c(2), PAGES_PER_CHUNK), abi::ERR_DOUBLE_ACCEPT);
     let st = svc.stats();
-    assert_eq!(st.accept_entries, 2);
-    assert_eq!(st.accepted_units, 4);
-    assert_eq!(st.double_accept_violations, 2);
+    assert_eq!(st.accept_entries, 3);
+    assert_eq!(st.lifecycle.accepted_pages, 3 * PAGES_PER_CHUNK + 3);
+    assert_eq!(st.double_accept_violations, 3);
+    assert_eq!(st.lifecycle.double_accepts, 3);
 }
 
+/// The TDX lifecycle: shared drops acceptance, back to private is pending again (accepting it
+/// is normal), shared and mixed chunks cannot be accepted, unaccepted chunks have no memslot.
 #[test]
-fn double_accept_warnings_are_rate_limited_and_every_one_counted() {
-    let (_host, svc) = service(
+fn tdx_lifecycle() {
+    for (private, shared) in [
+        (StoreKind::Memfd, StoreKind::Memfd),
+        (StoreKind::Hugetlb, StoreKind::Hugetlb),
+    ] {
+        let (host, svc) =
+            service_unaccepted(32 * MB, private, shared, Granularity::Page4K, Platform::Tdx);
+        let c = |i: u64| i * HUGE_PAGE_SIZE;
+        let n = PAGES_PER_CHUNK;
+        assert_eq!(svc.accept(c(3), n), abi::STATUS_OK);
+        host.write(c(3), &[7; 4096]);
+        // Whole chunk round trip: pending again, cut out, accepted again (no violation).
+        assert_eq!(svc.map_gpa_range(c(3), n, TO_SHARED), abi::STATUS_OK);
+        assert!(host.resolve(c(3)).is_some(), "shared memory stays mapped");
+        assert_eq!(svc.accept(c(3), n), abi::ERR_ACCEPT_SHARED);
+        assert_eq!(svc.map_gpa_range(c(3), n, TO_PRIVATE), abi::STATUS_OK);
+        assert!(host.resolve(c(3)).is_none(), "pending again: cut out");
+        assert!(svc.unaccepted_access(c(3) + 8));
+        assert_eq!(svc.accept(c(3), n), abi::STATUS_OK);
+        let mut b = [1u8; 16];
+        host.read(c(3), &mut b);
+        assert_eq!(b, [0; 16], "accepted memory reads zero");
+        // One page of an accepted chunk: mixed chunk cannot be accepted; the page comes back
+        // pending and is accepted alone.
+        assert_eq!(svc.map_gpa_range(c(3) + 4096, 1, TO_SHARED), abi::STATUS_OK);
+        assert_eq!(svc.accept(c(4), n), abi::STATUS_OK);
+        assert_eq!(svc.accept(c(3), n), abi::ERR_ACCEPT_SHARED, "mixed chunk");
+        assert_eq!(
+            svc.map_gpa_range(c(3) + 4096, 1, TO_PRIVATE),
+            abi::STATUS_OK
+        );
+        assert_eq!(svc.accept(c(3) + 4096, 1), abi::STATUS_OK);
+        assert_eq!(svc.accept(c(3) + 4096, 1), abi::ERR_DOUBLE_ACCEPT);
+        assert!(!svc.unaccepted_access(c(3)), "accepted chunk");
+        assert!(!svc.unaccepted_access(64 << 30), "MMIO");
+        let st = svc.stats();
+        let l = &st.lifecycle;
+        assert_eq!(l.accept_shared_refusals, 2, "{st}");
+        assert_eq!(l.double_accepts, 1);
+        assert_eq!(l.unaccepted_accesses, 1);
+        assert_eq!(l.unaccepted_access_gpa, Some(c(3) + 8));
+        assert_eq!(l.dropped_pages, n + 1);
+        assert_eq!(l.accepted_bytes, (3 * n) * PAGE_SIZE, "boot area + c3 + c4");
+        if private.is_huge() {
+            // Only the boot area and the accepted chunks hold private huge pages.
+            assert_eq!(st.private_store.kernel_bytes, 3 * HUGE_PAGE_SIZE, "{st}");
+            assert_eq!(
+                l.backed_chunks, 3,
+                "c3 twice (released by its conversion), c4\n{st}"
+            );
+        }
+    }
+}
+
+/// SNP: a validated page cannot be converted to shared until rescinded; validating twice is
+/// the double-validation violation.
+#[test]
+fn snp_rescind_before_share() {
+    let (host, svc) = service_unaccepted(
         32 * MB,
         StoreKind::Memfd,
         StoreKind::Memfd,
         Granularity::Page4K,
+        Platform::Snp,
+    );
+    let c = |i: u64| i * HUGE_PAGE_SIZE;
+    let n = PAGES_PER_CHUNK;
+    assert_eq!(svc.accept(c(3), n), abi::STATUS_OK);
+    assert_eq!(svc.map_gpa_range(c(3), 1, TO_SHARED), abi::ERR_MUST_RESCIND);
+    assert_eq!(svc.accept(c(3), 1), abi::ERR_DOUBLE_ACCEPT);
+    let rescind = abi::ACCEPT_FLAG_RESCIND as u64;
+    assert_eq!(svc.accept_with(c(3), 1, rescind), abi::STATUS_OK);
+    assert_eq!(svc.map_gpa_range(c(3), 1, TO_SHARED), abi::STATUS_OK);
+    assert_eq!(svc.map_gpa_range(c(3), 1, TO_PRIVATE), abi::STATUS_OK);
+    assert_eq!(
+        svc.accept(c(3), 1),
+        abi::STATUS_OK,
+        "validated again after the trip"
+    );
+    // Rescinding a whole chunk cuts it out.
+    assert_eq!(svc.accept_with(c(3), n, rescind), abi::STATUS_OK);
+    assert!(host.resolve(c(3)).is_none());
+    assert_eq!(svc.accept_with(c(3), n, 2), abi::ERR_INVALID_ATTRS);
+    let st = svc.stats();
+    assert_eq!(st.lifecycle.must_rescind_refusals, 1);
+    assert_eq!(st.lifecycle.double_accepts, 1);
+    assert_eq!(st.lifecycle.rescind_entries, 2);
+    assert_eq!(st.lifecycle.rescinded_pages, 1 + n);
+}
+
+#[test]
+fn double_accept_warnings_are_rate_limited_and_every_one_counted() {
+    let (_host, svc) = service_unaccepted(
+        32 * MB,
+        StoreKind::Memfd,
+        StoreKind::Memfd,
+        Granularity::Page4K,
+        Platform::Tdx,
     );
     let unit = 2 * HUGE_PAGE_SIZE;
     assert_eq!(svc.accept(unit, PAGES_PER_CHUNK), abi::STATUS_OK);

@@ -90,6 +90,15 @@ fn scenario(private: StoreKind, shared: StoreKind, g: Granularity) {
         );
     }
     let st = svc.stats();
+    // Acceptance cuts a chunk out when it comes back wholly private and maps it again when
+    // the guest accepts it (the helper re-accepts), each a paused memslot edit; the first
+    // pause accepted all RAM.
+    let to_private_chunks: u64 = steps
+        .iter()
+        .filter(|s| s.2 == TO_PRIVATE)
+        .map(|s| (s.0 + s.1 * PAGE_SIZE).div_ceil(HUGE_PAGE_SIZE) - s.0 / HUGE_PAGE_SIZE)
+        .sum();
+    let acceptance_pauses = 1 + 2 * to_private_chunks;
     if private.is_huge() || shared.is_huge() {
         if g == Granularity::Page4K {
             assert!(
@@ -99,18 +108,16 @@ fn scenario(private: StoreKind, shared: StoreKind, g: Granularity) {
             assert!(st.double_alloc.computed_peak_bytes > 0, "{ctx0}\n{st}");
         }
     } else {
-        assert_eq!(
-            host.pauses.load(Ordering::SeqCst),
-            0,
-            "{ctx0}: 4K hosts never pause"
+        assert!(
+            host.pauses.load(Ordering::SeqCst) <= acceptance_pauses,
+            "{ctx0}: 4K hosts pause only for acceptance"
         );
     }
     if g == Granularity::Huge2M {
         assert_eq!(st.mixed_chunks_peak, 0);
-        assert_eq!(
-            host.pauses.load(Ordering::SeqCst),
-            0,
-            "{ctx0}: 2M conversions never change slots"
+        assert!(
+            host.pauses.load(Ordering::SeqCst) <= acceptance_pauses,
+            "{ctx0}: 2M conversions change slots only for acceptance"
         );
         assert_eq!(st.double_alloc.computed_peak_bytes, 0);
     }

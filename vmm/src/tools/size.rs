@@ -173,6 +173,7 @@ fn probe(opts: &SizeOptions, policy: &str, w: Workload, bytes: u64) -> Result<Pr
         shard: Shard::ALL,
         chart_workload: None,
         keep_disks: false,
+        platform: memconv::Platform::default(),
     };
     let err = |source| SizeError::Probe {
         policy: policy.to_string(),

@@ -1,5 +1,6 @@
 //! Exit dispatch: one KVM exit becomes device calls through the bus (ports and MMIO alike),
-//! a hypercall, or a crash, counted by reason, and an [`ExitAction`] for the run loop.
+//! a hypercall, a crash, or the end of the VM for an MMIO exit inside RAM that memconv cut out
+//! as unaccepted, counted by reason, and an [`ExitAction`] for the run loop.
 
 use kvm_ioctls::VcpuExit;
 
@@ -104,10 +105,16 @@ pub fn dispatch(
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.mmio += 1;
+            if shared.memconv.unaccepted_access(addr) {
+                return ExitAction::End(VmEnd::UnacceptedAccess { cpu, gpa: addr });
+            }
             bus_read(shared, cpu, counts, (Space::Mmio, addr), data)
         }
         VcpuExit::MmioWrite(addr, data) => {
             counts.mmio += 1;
+            if shared.memconv.unaccepted_access(addr) {
+                return ExitAction::End(VmEnd::UnacceptedAccess { cpu, gpa: addr });
+            }
             bus_write(shared, cpu, counts, (Space::Mmio, addr), data)
         }
         VcpuExit::Hlt => {

@@ -45,6 +45,14 @@ pub enum VmEnd {
         /// What happened.
         error: String,
     },
+    /// The guest touched private memory it never accepted (the chunk has no memslot): the VM
+    /// is stopped, as a TD is. Counted as `unaccepted_accesses` in the statistics.
+    UnacceptedAccess {
+        /// The vCPU that touched it.
+        cpu: u32,
+        /// The guest physical address touched.
+        gpa: u64,
+    },
     /// KVM_RUN failed, or the vCPU's host thread panicked (caught).
     HostError {
         /// The vCPU whose KVM_RUN failed.

@@ -163,6 +163,7 @@ fn stats_view_reads_what_the_server_sends() {
             memslots: 1,
             memslot_edits: 1,
             kernel_query_errors: Vec::new(),
+            lifecycle: Default::default(),
         },
     );
     let reply = StatsReply {

@@ -32,6 +32,8 @@ pub enum Bench {
         runs: u32,
         /// Iterations of the native compute loop.
         iters: u64,
+        /// Lazy boots per RAM size in the hugetlb scaling table (0: skip it).
+        scaling_runs: u32,
     },
     /// `vmm bench api`.
     Api(api::ApiBenchOptions),
@@ -42,7 +44,11 @@ pub fn run(bench: &Bench) -> Result<String, BenchError> {
     match bench {
         Bench::Io(opts) => io(opts),
         Bench::Pool { ms, size } => pool(*ms, *size),
-        Bench::Boot { runs, iters } => boot(*runs, *iters),
+        Bench::Boot {
+            runs,
+            iters,
+            scaling_runs,
+        } => boot(*runs, *iters, *scaling_runs),
         Bench::Api(opts) => Ok(api::run(opts)?),
     }
 }

@@ -11,6 +11,8 @@ use super::matrix::Cell;
 
 /// Exit status of `vmm run` for a crashed vCPU or a KVM failure.
 const EXIT_VM_CRASHED: i32 = crate::exit_codes::EXIT_VM_CRASHED as i32;
+/// Exit status of `vmm run` when the guest touched unaccepted memory.
+const EXIT_UNACCEPTED_ACCESS: i32 = crate::exit_codes::EXIT_UNACCEPTED_ACCESS as i32;
 
 /// What one cell's run left behind.
 #[derive(Debug, Default)]
@@ -37,7 +39,7 @@ pub struct Verdict {
 }
 
 /// Every invariant's name, in check order.
-pub const NAMES: [&str; 10] = [
+pub const NAMES: [&str; 13] = [
     "vmm_never_crashed",
     "data_integrity",
     "no_dma_violations",
@@ -48,6 +50,9 @@ pub const NAMES: [&str; 10] = [
     "claims_2m_honoured",
     "throttle_blocking_maps_never_fail",
     "policy_name_matches",
+    "no_unaccepted_access",
+    "lifecycle_followed",
+    "host_backing_within_accepted",
 ];
 
 /// A [`Verdict`] as read back from another run's JSON (for `vmm conform merge`).
@@ -305,6 +310,58 @@ pub fn evaluate(cell: &Cell, run: &RunData) -> Vec<Verdict> {
                 "the guest's pool reports policy {reported:?} but the cell is {:?}: run a plug-in guest with --policies NAME",
                 cell.policy
             ))
+        },
+    ));
+
+    let l = &m["lifecycle"];
+    out.push(check(
+        "no_unaccepted_access",
+        if run.exit_code == Some(EXIT_UNACCEPTED_ACCESS) {
+            Err(format!(
+                "the guest touched unaccepted memory at gpa {} (VM stopped)",
+                l["unaccepted_access_gpa"]
+            ))
+        } else {
+            none(
+                u(l, &["unaccepted_accesses"]),
+                "accesses to unaccepted memory",
+            )
+        },
+    ));
+    let broken = [
+        ("double accepts/validations", u(l, &["double_accepts"])),
+        (
+            "accepts of shared memory",
+            u(l, &["accept_shared_refusals"]),
+        ),
+        (
+            "conversions of validated pages to shared",
+            u(l, &["must_rescind_refusals"]),
+        ),
+    ];
+    out.push(check(
+        "lifecycle_followed",
+        match broken.iter().find(|(_, n)| *n > 0) {
+            None => Ok(()),
+            Some((what, n)) => Err(format!("{n} {what} on {}", l["platform"])),
+        },
+    ));
+    let private_kernel = u(m, &["private_store", "kernel_bytes"]);
+    let private_bound = u(l, &["private_backing_bound_bytes"]);
+    let shared_kernel = u(m, &["shared_store", "kernel_bytes"]);
+    let shared_bound = u(m, &["shared_store", "engine_bound_bytes"]);
+    out.push(check(
+        "host_backing_within_accepted",
+        if private_kernel > private_bound {
+            Err(format!(
+                "the private store holds {private_kernel} bytes, more than the accepted memory and mixed-chunk overhead allow ({private_bound})"
+            ))
+        } else if shared_kernel > shared_bound {
+            Err(format!(
+                "the shared store holds {shared_kernel} bytes, more than the shared memory allows ({shared_bound})"
+            ))
+        } else {
+            Ok(())
         },
     ));
     out

@@ -99,6 +99,8 @@ pub struct ConformOptions {
     pub chart_workload: Option<matrix::Workload>,
     /// Keep each cell's disk image (`--keep`); by default it is removed when the cell is done.
     pub keep_disks: bool,
+    /// The platform every cell runs on (`--platform`).
+    pub platform: memconv::Platform,
 }
 
 /// Everything a finished suite produced.
@@ -164,6 +166,7 @@ fn run_cell(exe: &Path, cell: &Cell, opts: &ConformOptions, dir: &Path) -> (RunD
         .args(["--private", &cell.private.to_string()])
         .args(["--shared", &cell.shared.to_string()])
         .args(["--granularity", &cell.granularity.to_string()])
+        .args(["--platform", opts.platform.as_str()])
         .arg("--disk")
         .arg(&disk)
         .args(["--disk-size", "64M"])

@@ -219,6 +219,8 @@ pub fn run(opts: &ReplayOptions, r: &ReplayRun) -> Result<(Loaded, ReplayReport)
         private: r.private,
         shared: r.shared,
         granularity: r.granularity,
+        platform: memconv::Platform::Tdx,
+        prealloc: false,
         stats_json: None,
         disk: Some(crate::config::DiskConfig {
             path: r.disk.clone(),
