@@ -5,7 +5,11 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-const TRACES: &str = "/work/shared/traces/linux-6.12-virtio";
+/// The shared traces: `../shared` beside the checkout, as on the developers' and CI machines.
+const TRACES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/traces/linux-6.12-virtio"
+);
 
 fn parse(c: &mut Criterion) {
     let path = Path::new(TRACES).join("blk.trace.gz");

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use memconv::replay_ops::{OpReader, OPC_MAP, OPC_UNMAP};
 use replay::{DeviceKind, LoadOptions};
 
-const TRACES: &str = "/work/shared/traces/linux-6.12-virtio";
+/// The shared traces: `../shared` beside the checkout, as on the developers' and CI machines.
+const TRACES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/traces/linux-6.12-virtio"
+);
 
 fn dir() -> PathBuf {
     let d = std::env::var("REPLAY_TRACES").unwrap_or_else(|_| TRACES.to_string());

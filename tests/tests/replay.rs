@@ -13,10 +13,14 @@ use common::*;
 use std::path::PathBuf;
 
 fn traces() -> PathBuf {
-    let d = PathBuf::from(
-        std::env::var("REPLAY_TRACES")
-            .unwrap_or_else(|_| "/work/shared/traces/linux-6.12-virtio".to_string()),
-    );
+    let d = PathBuf::from(std::env::var("REPLAY_TRACES").unwrap_or_else(|_| {
+        // `../shared` beside the checkout, as on the developers' and CI machines.
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/traces/linux-6.12-virtio"
+        )
+        .to_string()
+    }));
     assert!(
         d.join("probe.trace.gz").exists(),
         "the shared traces are not at {} (set REPLAY_TRACES)",
