@@ -525,6 +525,7 @@ pub fn render_as(s: &StatsView, constant: &Labels, format: Format) -> String {
             );
         }
     }
+    render_lifecycle(&mut w, &m.lifecycle);
     if let Some(d) = &s.disk {
         render_disk(&mut w, d);
     }
@@ -532,6 +533,82 @@ pub fn render_as(s: &StatsView, constant: &Labels, format: Format) -> String {
         w.out.push_str("# EOF\n");
     }
     w.out
+}
+
+/// The acceptance lifecycle's families (`memconv_lifecycle_*`), labelled with the platform.
+fn render_lifecycle(w: &mut Writer<'_>, l: &memconv::stats::LifecycleSnapshot) {
+    let platform = [("platform", l.platform.as_str())];
+    let gauges: [(&str, &str, u64); 3] = [
+        (
+            "memconv_lifecycle_accepted_bytes",
+            "Private memory accepted (validated) now, boot image included.",
+            l.accepted_bytes,
+        ),
+        (
+            "memconv_lifecycle_unaccepted_chunks",
+            "2 MiB chunks out of the guest's view now (private, nothing accepted, no backing).",
+            l.unaccepted_chunks,
+        ),
+        (
+            "memconv_lifecycle_private_backing_bound_bytes",
+            "Most the private store may hold now for what is accepted (all private RAM with --prealloc).",
+            l.private_backing_bound_bytes,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        w.single_labelled(name, "gauge", help, &platform, v as f64);
+    }
+    let counters: [(&str, &str, u64); 6] = [
+        (
+            "memconv_lifecycle_accepted_pages_total",
+            "4 KiB pages the guest accepted (validated).",
+            l.accepted_pages,
+        ),
+        (
+            "memconv_lifecycle_rescinded_pages_total",
+            "4 KiB pages the guest rescinded (SNP) before sharing them.",
+            l.rescinded_pages,
+        ),
+        (
+            "memconv_lifecycle_dropped_pages_total",
+            "4 KiB pages whose acceptance a conversion to shared dropped (TDX).",
+            l.dropped_pages,
+        ),
+        (
+            "memconv_lifecycle_backed_chunks_total",
+            "2 MiB chunks backed when the guest accepted them.",
+            l.backed_chunks,
+        ),
+        (
+            "memconv_lifecycle_released_chunks_total",
+            "2 MiB chunks whose backing was released when they became unaccepted.",
+            l.released_chunks,
+        ),
+        (
+            "memconv_lifecycle_unaccepted_accesses_total",
+            "Guest accesses to unaccepted memory (the VM is stopped at the first).",
+            l.unaccepted_accesses,
+        ),
+    ];
+    for (name, help, v) in counters {
+        w.single_labelled(name, "counter", help, &platform, v as f64);
+    }
+    w.family(
+        "memconv_lifecycle_refusals_total",
+        "counter",
+        "Lifecycle rule breaks refused or flagged, by abi status: accept_shared (ACCEPT of shared or mixed memory), must_rescind (SNP: a validated page converted to shared), double_accept (accepting accepted memory).",
+    );
+    for (status, n) in [
+        ("accept_shared", l.accept_shared_refusals),
+        ("must_rescind", l.must_rescind_refusals),
+        ("double_accept", l.double_accepts),
+    ] {
+        w.sample(
+            "memconv_lifecycle_refusals_total",
+            &[("platform", l.platform.as_str()), ("status", status)],
+            n as f64,
+        );
+    }
 }
 
 /// The virtio block device's families (`vmm_disk_*`), labelled with the image path.
@@ -682,5 +759,8 @@ mod tests {
         assert!(text.contains("vmm_vcpu_exits_total{cpu=\"0\",reason=\"doorbell\"} 2"));
         assert!(text.contains("guest_pool_maps_total{policy=\"soak\"} 0"));
         assert!(text.contains("vmm_disk_io_errors_total{image=\"/tmp/d.img\"} 7"));
+        assert!(text.contains(
+            "memconv_lifecycle_refusals_total{platform=\"tdx\",status=\"must_rescind\"} 0"
+        ));
     }
 }
