@@ -122,6 +122,10 @@ pub struct FenceStats {
 pub struct Fence {
     size: u64,
     units: Box<[AtomicU32]>,
+    /// What the UNBACKED bit of a unit means: with 0 a set bit is unbacked (the default is
+    /// backed); with UNBACKED a clear bit is unbacked (the default is unbacked). So every unit
+    /// starts at 0 whatever the store, and the array comes zeroed from the allocator.
+    unbacked_flip: u32,
     shared: Box<[AtomicU64]>,
     bound: Duration,
     counters: FenceCounters,
@@ -161,14 +165,35 @@ impl Drop for Converting<'_> {
     }
 }
 
+/// `n` unit words, all 0, from zeroed memory (calloc: the kernel's zero pages until touched,
+/// so a large guest's fence costs nothing at creation).
+fn zeroed_units(n: usize) -> Box<[AtomicU32]> {
+    let zeroed: Box<[u32]> = vec![0u32; n].into_boxed_slice();
+    // SAFETY: AtomicU32 has the same size, alignment and bit validity as u32 (std docs), so a
+    // boxed slice of u32 is a valid boxed slice of AtomicU32 of the same length, allocated
+    // with the same layout; ownership moves from `zeroed` to the new box.
+    unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU32]) }
+}
+
 impl Fence {
-    /// A fence over `size` bytes of RAM, every page private, waiting at most `bound`.
+    /// A fence over `size` bytes of RAM, every page private and backed, waiting at most
+    /// `bound`.
     pub fn new(size: u64, bound: Duration) -> Fence {
+        Fence::with_backing(size, bound, true)
+    }
+
+    /// A fence over `size` bytes of RAM, every page private, every chunk backed in the shared
+    /// store (`backed`) or none (a hugetlb shared store with no page yet). Setting the state
+    /// here keeps creation cheap and independent of RAM size: the units come zeroed from the
+    /// allocator (untouched until used), where marking 2 MiB chunks one by one with
+    /// [`Fence::set_backed`] costs a read-modify-write per 4 KiB page.
+    pub fn with_backing(size: u64, bound: Duration, backed: bool) -> Fence {
         let nunits = size.div_ceil(UNIT) as usize;
         let words = (size / PAGE_SIZE).div_ceil(64) as usize;
         Fence {
             size,
-            units: (0..nunits).map(|_| AtomicU32::new(0)).collect(),
+            units: zeroed_units(nunits),
+            unbacked_flip: if backed { 0 } else { UNBACKED },
             shared: (0..words).map(|_| AtomicU64::new(0)).collect(),
             bound,
             counters: FenceCounters::default(),
@@ -284,7 +309,7 @@ impl Fence {
             }
             let (u0, u1) = (gpa / UNIT, (gpa + len).div_ceil(UNIT));
             if let Some(u) =
-                (u0..u1).find(|&u| self.units[u as usize].load(Ordering::Acquire) & UNBACKED != 0)
+                (u0..u1).find(|&u| self.unbacked(self.units[u as usize].load(Ordering::Acquire)))
             {
                 self.counters.pins_unbacked.fetch_add(1, Ordering::Relaxed);
                 return Err(FenceError::NotBacked {
@@ -368,12 +393,18 @@ impl Fence {
         let u0 = c * UNITS_PER_CHUNK;
         for u in u0..(u0 + UNITS_PER_CHUNK).min(self.units.len() as u64) {
             let w = &self.units[u as usize];
-            if backed {
-                w.fetch_and(!UNBACKED, Ordering::Release);
-            } else {
+            // The bit is set when the state differs from the default (see `unbacked_flip`).
+            if backed == (self.unbacked_flip != 0) {
                 w.fetch_or(UNBACKED, Ordering::Release);
+            } else {
+                w.fetch_and(!UNBACKED, Ordering::Release);
             }
         }
+    }
+
+    /// Whether a unit word says its page has no shared-store backing.
+    fn unbacked(&self, word: u32) -> bool {
+        (word & UNBACKED) ^ self.unbacked_flip != 0
     }
 
     fn clear_converting(&self, c0: u64, c1: u64) {

@@ -222,7 +222,13 @@ impl ConversionService {
         let private_mem = guest_memory(&private)?;
         let shared_mem = guest_memory(&shared)?;
         let shared_base = shared.base() as usize;
-        let fence = Arc::new(Fence::new(size, DEFAULT_WAIT_BOUND));
+        // A hugetlb shared store holds no page yet but the mailbox chunk's: the engine marks
+        // that one backed.
+        let fence = Arc::new(Fence::with_backing(
+            size,
+            DEFAULT_WAIT_BOUND,
+            !shared.kind().is_huge(),
+        ));
         let engine = Engine::new(&cfg, private, shared, view, host, fence.clone())?;
         Ok(ConversionService {
             private_mem,

@@ -149,7 +149,8 @@ impl Engine {
     /// (all private but the mailbox chunk), maps the view and installs the initial memslots
     /// (none over unaccepted chunks). Hugetlb stores must already be allocated for the chunks
     /// their side owns (private: only the boot area unless `cfg.prealloc`). `fence` (over
-    /// `size` bytes, no device running yet) gets the initial shared bits.
+    /// `size` bytes, no device running yet, made with no chunk backed when the shared store is
+    /// hugetlb) gets the initial shared bits.
     pub fn new(
         cfg: &RamConfig,
         private: Store,
@@ -168,9 +169,9 @@ impl Engine {
         fence.set_shared(0, npages, false);
         fence.set_shared(mb0, mb1, true);
         if shared.kind().is_huge() {
-            for c in 0..nchunks {
-                fence.set_backed(c, c == mb0 / PAGES_PER_CHUNK);
-            }
+            // The fence was made with no chunk backed (`Fence::with_backing`): only the
+            // mailbox chunk has its huge page in the shared store.
+            fence.set_backed(mb0 / PAGES_PER_CHUNK, true);
         }
         let split = private.kind().is_huge() || shared.kind().is_huge();
         let mut view_private = PageBits::new(nchunks, true);
