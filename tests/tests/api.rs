@@ -9,208 +9,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_fields, read_json, require_kvm, scratch, vmm, vmm_bin};
+use common::api_client::Conn;
+use common::soak_vm::{SoakOpts, SoakVm as Vm};
+use common::{guest_fields, prom_sample, read_json, require_kvm, scratch, vmm, vmm_bin};
 use serde_json::Value;
-
-/// A `vmm run` of the `soak` guest with a control socket, killed if the test fails.
-struct Vm {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    json: PathBuf,
-    serial: PathBuf,
-}
-
-impl Vm {
-    /// Starts `soak` with `cmdline` (default: until shut down) and waits for the socket.
-    fn start(name: &str, cmdline: &str) -> Vm {
-        let dir = scratch(name);
-        let sock = dir.join("api.sock");
-        Vm::start_at(dir, sock, cmdline)
-    }
-
-    fn start_at(dir: PathBuf, sock: PathBuf, cmdline: &str) -> Vm {
-        require_kvm();
-        let json = dir.join("stats.json");
-        let serial = dir.join("serial.txt");
-        let child = Command::new(vmm_bin())
-            .args(["run", "--guest", "soak", "--mem", "64M", "--quiet"])
-            .arg("--cmdline")
-            .arg(cmdline)
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--stats-json")
-            .arg(&json)
-            .arg("--serial")
-            .arg(&serial)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm run");
-        let mut vm = Vm {
-            child: Some(child),
-            dir,
-            sock,
-            json,
-            serial,
-        };
-        vm.wait_for_socket();
-        vm
-    }
-
-    fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let out = self.finish_output();
-                    panic!("vmm exited ({status}) before serving its socket:\n{out}");
-                }
-            }
-            if Conn::try_open(&self.sock).is_some() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no control socket after 20 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish_output(&mut self) -> String {
-        let mut text = String::new();
-        if let Some(child) = self.child.as_mut() {
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut text);
-            }
-        }
-        text
-    }
-
-    /// Waits (at most 20 s) for the VMM to exit; returns its status and stderr.
-    fn wait(&mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().expect("vmm still tracked");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("vmm did not exit within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        (status, err)
-    }
-
-    fn serial_text(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A raw protocol client.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    greeting: Value,
-}
-
-impl Conn {
-    fn try_open(sock: &Path) -> Option<Conn> {
-        let stream = UnixStream::connect(sock).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        let writer = stream.try_clone().ok()?;
-        let mut conn = Conn {
-            reader: BufReader::new(stream),
-            writer,
-            greeting: Value::Null,
-        };
-        conn.greeting = conn.read_msg()?;
-        Some(conn)
-    }
-
-    fn open(sock: &Path) -> Conn {
-        let conn = Conn::try_open(sock).expect("connect and read the greeting");
-        assert_eq!(
-            conn.greeting["greeting"]["protocol"], 1,
-            "{}",
-            conn.greeting
-        );
-        conn
-    }
-
-    /// The next message; `None` at EOF (or a reset connection).
-    fn read_msg(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| {
-                panic!("the server sent a line that is not JSON ({e}): {line:?}")
-            })),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
-            Err(e) => panic!("reading from the control socket: {e}"),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("send to the VMM");
-    }
-
-    /// Sends one line and returns the next reply (events skipped).
-    fn request(&mut self, line: &str) -> Value {
-        self.send(format!("{line}\n").as_bytes());
-        self.reply()
-    }
-
-    fn reply(&mut self) -> Value {
-        loop {
-            let msg = self.read_msg().expect("a reply before EOF");
-            if msg.get("event").is_none() {
-                return msg;
-            }
-        }
-    }
-
-    /// `cmd`'s successful return value.
-    fn cmd(&mut self, cmd: &str) -> Value {
-        let reply = self.request(&format!("{{\"cmd\":\"{cmd}\"}}"));
-        assert_eq!(reply["ok"], true, "{cmd}: {reply}");
-        reply["return"].clone()
-    }
-
-    fn error_code(reply: &Value) -> String {
-        assert_eq!(reply["ok"], false, "expected an error: {reply}");
-        assert!(
-            reply["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{reply}"
-        );
-        reply["error"]["code"].as_str().unwrap_or("").to_string()
-    }
-}
 
 fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -355,7 +164,7 @@ fn concurrent_clients_see_live_counters_consistent_with_the_final_summary() {
         "{}",
         text(&out.stdout)
     );
-    let (status, err) = vm.wait();
+    let (status, _, err) = vm.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(!sock.exists(), "the socket file must be removed on exit");
     let summary = read_json(&vm.json);
@@ -430,7 +239,7 @@ fn pause_stops_the_counters_resume_restarts_them_and_shutdown_ends_a_paused_vm()
     assert_eq!(event["data"]["end"]["kind"], "stopped");
     assert_eq!(event["data"]["exit_status"], 0);
     assert!(c.read_msg().is_none(), "the server closes after vm_end");
-    let (status, err) = vm.wait();
+    let (status, _, err) = vm.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{err}");
     let summary = read_json(&vm.json);
     assert_eq!(summary["end"]["kind"], "stopped");
@@ -451,7 +260,7 @@ fn guest_exit_ends_serving_and_the_guest_counts_match_memconv() {
     };
     assert_eq!(event["data"]["end"]["kind"], "guest_exit", "{event}");
     assert_eq!(event["data"]["exit_status"], 0);
-    let (status, err) = vm.wait();
+    let (status, _, err) = vm.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(!vm.sock.exists());
     let serial = vm.serial_text();
@@ -523,7 +332,7 @@ fn an_over_long_line_is_refused_and_the_client_closed() {
     let mut c = Conn::open(&vm.sock);
     let long = vec![b'a'; 70 * 1024];
     // The server stops reading at 64 KiB: the rest of the write may fail, that is fine.
-    let _ = c.writer.write_all(&long);
+    let _ = c.try_send(&long);
     let reply = c.read_msg().expect("an error reply");
     assert_eq!(Conn::error_code(&reply), "line_too_long");
     assert!(c.read_msg().is_none(), "the connection is closed");
@@ -545,9 +354,7 @@ fn a_half_line_then_disconnect_is_forgotten() {
       // Half-closed after a complete line and a half one: one reply, then EOF.
     let mut c = Conn::open(&vm.sock);
     c.send(b"{\"cmd\":\"config\",\"id\":1}\n{\"cmd\":\"st");
-    c.writer
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
+    c.shutdown_write();
     assert_eq!(c.reply()["id"], 1);
     assert!(c.read_msg().is_none());
     // Connect and vanish without a byte.
@@ -649,7 +456,8 @@ fn socket_file_is_private_stale_ones_replaced_live_ones_kept_and_removed_on_exit
     // A stale socket from a dead VMM.
     drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
     assert!(sock.exists());
-    let mut vm = Vm::start_at(dir.clone(), sock.clone(), "seconds=0");
+    let mut vm = Vm::spawn(dir.clone(), sock.clone(), &SoakOpts::default());
+    vm.wait_for_socket(Duration::from_secs(30));
     let mode = std::fs::metadata(&sock)
         .expect("socket")
         .permissions()
@@ -693,7 +501,7 @@ fn socket_file_is_private_stale_ones_replaced_live_ones_kept_and_removed_on_exit
 
     let out = ctl(&sock, &["shutdown"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let (status, err) = vm.wait();
+    let (status, _, err) = vm.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(!sock.exists(), "removed on exit");
 }
@@ -767,7 +575,7 @@ fn ctl_stats_table_json_and_watch() {
         "rates from the second sample on: {w}"
     );
     assert!(w.contains("the VM has ended"), "{w}");
-    let (status, _) = vm.wait();
+    let (status, _, _) = vm.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
 }
 
@@ -829,19 +637,7 @@ fn metrics_are_valid_prometheus_text_consistent_with_stats() {
     let scrape =
         prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parses");
     assert!(sample_lines > 50, "{body}");
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        let s = scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
-        match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            other => panic!("{name}: unexpected {other:?}"),
-        }
-    };
+    let value = |name: &str, labels: &[(&str, &str)]| prom_sample(&scrape, name, labels);
     let between = |name: &str, labels: &[(&str, &str)], a: f64, b: f64| {
         let v = value(name, labels);
         assert!(

@@ -214,20 +214,6 @@ impl Drop for MetricsVm {
     }
 }
 
-fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let s = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
-    match &s.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        other => panic!("{name}: unexpected {other:?}"),
-    }
-}
-
 /// `promtool check metrics` on `body`, if promtool is installed.
 fn promtool_check(body: &str) {
     let child = Command::new("promtool")
@@ -264,11 +250,11 @@ fn metrics_over_http_parse_and_carry_the_conversion_counters() {
         assert!(headers.contains("text/plain; version=0.0.4"), "{headers}");
         let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
             .expect("the body parses as Prometheus text");
-        let converted = sample(
+        let converted = prom_sample(
             &scrape,
             "memconv_conversions_total",
             &[("direction", "to_shared"), ("size", "4k")],
-        ) + sample(
+        ) + prom_sample(
             &scrape,
             "memconv_conversions_total",
             &[("direction", "to_shared"), ("size", "2m")],
@@ -301,7 +287,7 @@ fn metrics_over_http_parse_and_carry_the_conversion_counters() {
     assert!(status.contains(" 404 "), "{status}");
 
     // A control-socket pause shows in the pause counter.
-    let before = sample(&scrape, "vmm_vcpu_pauses_total", &[]);
+    let before = prom_sample(&scrape, "vmm_vcpu_pauses_total", &[]);
     for cmd in ["pause", "resume"] {
         let o = vmm(&["ctl", vm.sock.to_str().unwrap(), cmd]);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -309,7 +295,7 @@ fn metrics_over_http_parse_and_carry_the_conversion_counters() {
     std::thread::sleep(Duration::from_millis(300));
     let (_, _, body) = vm.get("/metrics", "text/plain");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
-    assert!(sample(&scrape, "vmm_vcpu_pauses_total", &[]) > before);
+    assert!(prom_sample(&scrape, "vmm_vcpu_pauses_total", &[]) > before);
     let o = vmm(&["ctl", vm.sock.to_str().unwrap(), "shutdown"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let mut vm = vm;

@@ -10,136 +10,44 @@
 mod common;
 
 use std::io::Read;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::api_client::Conn;
+use common::soak_vm::{SoakOpts, SoakVm};
 use common::{read_json, require_kvm, scratch, vmm_bin};
 
-/// A `vmm run` of `soak` (converting until stopped) with a control socket and --stats-json.
-struct Vm {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    json: PathBuf,
+/// Starts a converting `soak` (summary on stdout) and waits for its first conversions.
+fn start(name: &str) -> SoakVm {
+    let mut vm = SoakVm::spawn_in(
+        name,
+        &SoakOpts {
+            quiet: false,
+            ..SoakOpts::default()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    vm.wait_for_socket(Duration::from_secs(30));
+    while converted(&vm.sock) == 0 {
+        assert!(Instant::now() < deadline, "no conversions after 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm
 }
 
-impl Vm {
-    fn start(name: &str) -> Vm {
-        require_kvm();
-        let dir = scratch(name);
-        let sock = dir.join("api.sock");
-        let json = dir.join("stats.json");
-        let child = Command::new(vmm_bin())
-            .args(["run", "--guest", "soak", "--mem", "64M"])
-            .args(["--cmdline", "seconds=0"])
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--stats-json")
-            .arg(&json)
-            .arg("--serial")
-            .arg(dir.join("serial.txt"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm run");
-        let mut vm = Vm {
-            child: Some(child),
-            dir,
-            sock,
-            json,
-        };
-        vm.wait_converting();
-        vm
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        self.child.as_ref().map_or(0, |c| c.id() as libc::pid_t)
-    }
-
-    /// Waits for the socket, then for the guest's first conversions (stats over the socket).
-    fn wait_converting(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                let (_, _, err) = self.finish(status);
-                panic!("vmm exited ({status}) before converting:\n{err}");
-            }
-            if self.converted() > 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no conversions after 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Pages converted so far, from a `stats` request (0 if the socket is not up yet).
-    fn converted(&self) -> u64 {
-        let Ok(mut s) = UnixStream::connect(&self.sock) else {
-            return 0;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        use std::io::{BufRead, BufReader, Write};
-        if s.write_all(b"{\"cmd\":\"stats\",\"id\":1}\n").is_err() {
-            return 0;
-        }
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        for _ in 0..2 {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return 0;
-            }
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        v["return"]["memconv"]["pages_converted"]
-            .as_u64()
-            .unwrap_or(0)
-    }
-
-    fn kill(&self, signo: libc::c_int) {
-        // SAFETY: kill(2) of our own child process.
-        let rc = unsafe { libc::kill(self.pid(), signo) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// Waits (at most 30 s) for the exit; returns status, stdout and stderr.
-    fn wait(&mut self) -> (ExitStatus, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let child = self.child.as_mut().expect("vmm still tracked");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return self.finish(status);
-            }
-            assert!(Instant::now() < deadline, "vmm did not exit within 30 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish(&mut self, status: ExitStatus) -> (ExitStatus, String, String) {
-        let mut child = self.child.take().expect("vmm still tracked");
-        let (mut out, mut err) = (String::new(), String::new());
-        if let Some(mut o) = child.stdout.take() {
-            let _ = o.read_to_string(&mut out);
-        }
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        // Reaped already (try_wait returned its status); this only returns it again.
-        let _ = child.wait();
-        (status, out, err)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Pages converted so far, from a `stats` request (0 if the socket does not answer).
+fn converted(sock: &Path) -> u64 {
+    let Some(mut c) = Conn::try_open(sock) else {
+        return 0;
+    };
+    let Some(line) = c.try_request(r#"{"cmd":"stats","id":1}"#) else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    v["return"]["memconv"]["pages_converted"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn gone(path: &Path) -> bool {
@@ -147,9 +55,9 @@ fn gone(path: &Path) -> bool {
 }
 
 fn stop_signal_is_a_clean_stop(signo: libc::c_int, name: &str) {
-    let mut vm = Vm::start(&format!("signal-{name}"));
+    let mut vm = start(&format!("signal-{name}"));
     vm.kill(signo);
-    let (status, out, err) = vm.wait();
+    let (status, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(
         status.code(),
         Some(128 + signo),
@@ -194,12 +102,12 @@ fn sighup_stops_the_vm_cleanly() {
 
 #[test]
 fn a_second_signal_during_the_stop_exits_at_once() {
-    let mut vm = Vm::start("signal-twice");
+    let mut vm = start("signal-twice");
     // Two different signals (the same one twice may merge while pending): the first starts the
     // stop, the second comes while it runs.
     vm.kill(libc::SIGTERM);
     vm.kill(libc::SIGINT);
-    let (status, out, err) = vm.wait();
+    let (status, out, err) = vm.wait(Duration::from_secs(30));
     assert!(gone(&vm.sock), "the control socket was left behind");
     assert!(!err.contains("panicked"), "{err}");
     // Both may be pending when the signal thread wakes: it takes the lower-numbered first.

@@ -1,32 +1,20 @@
 //! The KVM_HC_MAP_GPA_RANGE hypercall path on a real VM's conversion service (no vCPU needed):
 //! conversions reach the engine, bad requests become error values, other hypercalls ENOSYS.
 
+mod common;
+
 use std::sync::Arc;
 
 use kvm_ioctls::HypercallExit;
 use memconv::abi;
-use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
+use memconv::ConversionService;
 use vmm::vcpu::handle_hypercall;
-use vmm::vm::{open_kvm, KvmVm, VmHost};
+use vmm::vm::KvmVm;
 
 /// A real VM's conversion service (no vCPUs needed for the hypercall path).
 fn service() -> (KvmVm, Arc<ConversionService>) {
-    let vm = KvmVm::new(open_kvm().expect("/dev/kvm is needed for this test")).unwrap();
-    let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
-    let svc = ConversionService::new(
-        RamConfig {
-            size: 32 << 20,
-            private: StoreKind::Memfd,
-            shared: StoreKind::Memfd,
-            granularity: Granularity::Page4K,
-            cpus: 1,
-            platform: Platform::Tdx,
-            prealloc: false,
-        },
-        host,
-    )
-    .unwrap();
-    (vm, Arc::new(svc))
+    let (vm, _host, svc) = common::test_vm(32 << 20);
+    (vm, svc)
 }
 
 fn hypercall(svc: &ConversionService, nr: u64, args: [u64; 6]) -> (bool, u64) {

@@ -4,16 +4,16 @@
 //! fixtures: on a kvm_pvm host the snippet runs in KVM's instruction emulator (no paging, no
 //! SSE), a few microseconds per instruction.
 
+mod common;
+
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::{BusDevice, BusEffect, DeviceKind, Space};
 use vmm::serial::Console;
 use vmm::vcpu::{self, ExitCounts, VcpuControl, VmEnd, VmShared};
-use vmm::vm::{open_kvm, KvmVm, VmHost};
 
 /// Where the snippet is loaded and starts (real mode, CS base 0).
 const CODE_GPA: u64 = 0x1000;
@@ -97,23 +97,7 @@ fn run_snippet(code: &[u8]) -> Run {
 /// [`run_snippet`] with one more device on a port window of two.
 fn run_snippet_with(code: &[u8], extra: Option<(u16, Arc<dyn BusDevice>)>) -> Run {
     vcpu::install_kick_handler().unwrap();
-    let vm = KvmVm::new(open_kvm().expect("/dev/kvm is needed for this test")).unwrap();
-    let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
-    let memconv = Arc::new(
-        ConversionService::new(
-            RamConfig {
-                size: memconv::abi::MIN_RAM,
-                private: StoreKind::Memfd,
-                shared: StoreKind::Memfd,
-                granularity: Granularity::Page4K,
-                cpus: 1,
-                platform: Platform::Tdx,
-                prealloc: false,
-            },
-            host.clone(),
-        )
-        .unwrap(),
-    );
+    let (vm, host, memconv) = common::test_vm(memconv::abi::MIN_RAM);
     memconv
         .private_memory()
         .write_slice(code, GuestAddress(CODE_GPA))

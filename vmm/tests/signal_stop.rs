@@ -3,34 +3,19 @@
 //! and exit status; one taken after ends it at once. (The second-signal exit and the real
 //! signal delivery are tested on the binary, in tests/tests/robustness.rs.)
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use memconv::{ConversionService, Granularity, Platform, RamConfig, StoreKind};
 use vmm::exit_codes::exit_status;
 use vmm::serial::Console;
 use vmm::signals::SignalStop;
 use vmm::vcpu::{VcpuControl, VmEnd, VmShared};
-use vmm::vm::{open_kvm, KvmVm, VmHost};
+use vmm::vm::KvmVm;
 
 fn shared() -> (KvmVm, Arc<VmShared>) {
-    let vm = KvmVm::new(open_kvm().expect("/dev/kvm is needed for this test")).unwrap();
-    let host = Arc::new(VmHost::new(Arc::clone(&vm.fd)));
-    let memconv = Arc::new(
-        ConversionService::new(
-            RamConfig {
-                size: memconv::abi::MIN_RAM,
-                private: StoreKind::Memfd,
-                shared: StoreKind::Memfd,
-                granularity: Granularity::Page4K,
-                cpus: 1,
-                platform: Platform::Tdx,
-                prealloc: false,
-            },
-            host.clone(),
-        )
-        .unwrap(),
-    );
+    let (vm, host, memconv) = common::test_vm(memconv::abi::MIN_RAM);
     let control = Arc::new(VcpuControl::new(1));
     host.attach_vcpus(Arc::clone(&control));
     let console = Console::with_writer(Box::new(std::io::sink()));

@@ -2,6 +2,9 @@
 //! the machine has what the tests need.
 #![allow(dead_code)]
 
+pub mod api_client;
+pub mod soak_vm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -111,4 +114,20 @@ pub fn guest_fields(out: &str, prefix: &str) -> std::collections::HashMap<String
         .filter_map(|kv| kv.split_once('='))
         .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
         .collect()
+}
+
+/// The value of the sample `name` with `labels` in a parsed Prometheus scrape; fails the test
+/// if there is none.
+pub fn prom_sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let s = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
+    match &s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{name}: unexpected {other:?}"),
+    }
 }
